@@ -1,0 +1,54 @@
+"""Shared fixtures: where the official weights and data sets are, read through settings.
+
+`IMDN_SHARED_DIR` (default `../shared` beside the repository) holds `weights/` and
+`datasets/`; `IMDN_WEIGHTS_DIR` overrides the weights folder alone. Tests that need
+them skip with the reason when they are absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from models.checkpoints import REGISTRY, load_official
+from models.imdn import IMDN
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("IMDN_SHARED_DIR", REPO.parent / "shared")).resolve()
+WEIGHTS = Path(os.environ.get("IMDN_WEIGHTS_DIR", SHARED / "weights")).resolve()
+DATASETS = SHARED / "datasets"
+
+
+@pytest.fixture(scope="session")
+def weights_dir() -> Path:
+    missing = [s.filename for s in REGISTRY.values() if not (WEIGHTS / s.filename).is_file()]
+    if missing:
+        pytest.skip(
+            f"official checkpoints {missing} not in {WEIGHTS} "
+            "(set IMDN_WEIGHTS_DIR or IMDN_SHARED_DIR, or run `imdn fetch-weights`)"
+        )
+    return WEIGHTS
+
+
+@pytest.fixture(scope="session")
+def datasets_dir() -> Path:
+    if not (DATASETS / "Set5" / "HR").is_dir():
+        pytest.skip(f"benchmark data sets not in {DATASETS} (set IMDN_SHARED_DIR)")
+    return DATASETS
+
+
+_MODELS: dict[str, IMDN] = {}
+
+
+@pytest.fixture(scope="session")
+def official_model(weights_dir: Path):  # type: ignore[no-untyped-def]
+    """`official_model("x4")`: the official network, loaded once per test session."""
+
+    def get(name: str) -> IMDN:
+        if name not in _MODELS:
+            _MODELS[name] = load_official(name, weights_dir)
+        return _MODELS[name]
+
+    return get
