@@ -1,0 +1,276 @@
+"""Adaptive cropping (the paper's ACS, Eq. 6-8) and its generalisation to a tile grid.
+
+A `CropPlan` cuts an H x W image into equal-shape overlapping crops; every output
+pixel is taken from exactly one crop (the one whose centre region owns it), so the
+overlap gives each crop context beyond the pixels it supplies and is then dropped.
+Equal shapes mean a plan's crops run as one batch, and crops of one shape from
+different requests can share a batch.
+
+Coordinates in a plan are input (LR) pixels; `stitch` multiplies them by the
+network's scale. Pure tensor code: no I/O, nothing loaded at import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import pairwise
+
+import torch
+import torch.nn.functional as F
+
+ModelFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Crop:
+    """One crop: its top-left corner and the region of the output it supplies.
+
+    The crop covers rows [top, top + crop_h) and columns [left, left + crop_w) of
+    the input; it supplies output rows [keep_top, keep_bottom) and columns
+    [keep_left, keep_right), in input coordinates (half-open ranges).
+    """
+
+    top: int
+    left: int
+    keep_top: int
+    keep_bottom: int
+    keep_left: int
+    keep_right: int
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """How to cut a `height` x `width` image into `crops`, all `crop_h` x `crop_w`."""
+
+    height: int
+    width: int
+    crop_h: int
+    crop_w: int
+    crops: tuple[Crop, ...]
+
+    def __post_init__(self) -> None:
+        if not self.crops:
+            raise ValueError("a crop plan needs at least one crop")
+        if not (0 < self.crop_h <= self.height and 0 < self.crop_w <= self.width):
+            raise ValueError(
+                f"crop {self.crop_h}x{self.crop_w} does not fit a {self.height}x{self.width} image"
+            )
+        for c in self.crops:
+            inside = (
+                0 <= c.top <= self.height - self.crop_h
+                and 0 <= c.left <= self.width - self.crop_w
+                and c.top <= c.keep_top <= c.keep_bottom <= c.top + self.crop_h
+                and c.left <= c.keep_left <= c.keep_right <= c.left + self.crop_w
+            )
+            if not inside:
+                raise ValueError(f"{c} is not inside its {self.crop_h}x{self.crop_w} crop")
+
+    @property
+    def is_whole(self) -> bool:
+        """True when the plan is the whole image in one piece."""
+        return len(self.crops) == 1 and (self.crop_h, self.crop_w) == (self.height, self.width)
+
+
+@dataclass(frozen=True)
+class _Span:
+    """One crop's extent along one axis: start, and the half-open range it keeps."""
+
+    start: int
+    keep_start: int
+    keep_end: int
+
+
+def _round_down(value: int, multiple: int) -> int:
+    return value - value % multiple
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _axis_spans(size: int, count: int, crop: int, align: int = 1) -> tuple[_Span, ...]:
+    """Lay `count` crops of length `crop` along a side of `size` pixels.
+
+    The first crop starts at 0, the last ends at `size`, the ones between are spread
+    evenly (their starts rounded to `align`); the seam between two neighbours is the
+    middle of their overlap, rounded down. With count 2 this is the paper's ACS:
+    starts 0 and size - crop, seam at size // 2.
+    """
+    if count == 1:
+        if crop != size:
+            raise ValueError(f"a single crop must cover the side: crop {crop} != side {size}")
+        return (_Span(0, 0, size),)
+    last = size - crop
+    starts = [0]
+    for i in range(1, count - 1):
+        # nearest multiple of `align` to i * last / (count - 1), in integers
+        step = 2 * (count - 1) * align
+        starts.append(min(last, align * ((2 * i * last + (count - 1) * align) // step)))
+    starts.append(last)
+    seams = [(a + crop + b) // 2 for a, b in pairwise(starts)]
+    bounds = [0, *seams, size]
+    return tuple(_Span(a, bounds[i], bounds[i + 1]) for i, a in enumerate(starts))
+
+
+def _plan_from_axes(
+    height: int,
+    width: int,
+    crop_h: int,
+    crop_w: int,
+    rows: tuple[_Span, ...],
+    cols: tuple[_Span, ...],
+) -> CropPlan:
+    crops = tuple(
+        Crop(r.start, c.start, r.keep_start, r.keep_end, c.keep_start, c.keep_end)
+        for r in rows
+        for c in cols
+    )
+    return CropPlan(height, width, crop_h, crop_w, crops)
+
+
+def whole_plan(height: int, width: int) -> CropPlan:
+    """The trivial plan: the whole image as one crop."""
+    return _plan_from_axes(
+        height, width, height, width, _axis_spans(height, 1, height), _axis_spans(width, 1, width)
+    )
+
+
+def _acs_side(size: int, padding: int, multiple: int) -> int:
+    """The paper's crop side, Eq. 6-7: size // 2 + padding, rounded down to `multiple`.
+
+    Two guards where the authors' code breaks: the side never exceeds the largest
+    multiple of `multiple` that fits the image (small images), and never drops below
+    the half that each crop must supply (a padding smaller than `multiple`).
+    """
+    if size < multiple:
+        raise ValueError(
+            f"a side of {size} px is smaller than the network's size multiple {multiple}: "
+            "pad the image first (pad_to_multiple)"
+        )
+    side = _round_down(size // 2 + padding, multiple)
+    side = max(side, _round_up(size - size // 2, multiple))
+    return min(side, _round_down(size, multiple))
+
+
+def acs_plan(height: int, width: int, *, padding: int = 32, multiple: int = 4) -> CropPlan:
+    """The paper's adaptive cropping: four corner crops, each keeping its own quadrant.
+
+    Crop side h = H // 2 + p - (H // 2 + p) mod 4 (likewise w), crops at rows 0 and
+    H - h and columns 0 and W - w, ordered top-left, top-right, bottom-left,
+    bottom-right; the output rows [0, H // 2) come from the top crops, [H // 2, H)
+    from the bottom ones (columns likewise). Sides smaller than `multiple` are
+    refused: pad the image first (`pad_to_multiple`; `run_plan` pads an input that
+    is smaller than its plan).
+    """
+    if padding < 0 or multiple < 1:
+        raise ValueError(f"need padding >= 0 and multiple >= 1, got {padding}, {multiple}")
+    crop_h = _acs_side(height, padding, multiple)
+    crop_w = _acs_side(width, padding, multiple)
+    return _plan_from_axes(
+        height,
+        width,
+        crop_h,
+        crop_w,
+        _axis_spans(height, 2, crop_h),
+        _axis_spans(width, 2, crop_w),
+    )
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Replicate-pad the bottom and right of `x` (N, C, H, W) up to multiples of `multiple`.
+
+    Returns the padded tensor and the original (H, W), to crop the output back.
+    """
+    h, w = x.shape[-2:]
+    return _pad_to(x, _round_up(h, multiple), _round_up(w, multiple)), (h, w)
+
+
+def _pad_to(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    if (h, w) == (height, width):
+        return x
+    if h > height or w > width:
+        raise ValueError(f"cannot pad a {h}x{w} image down to {height}x{width}")
+    return F.pad(x, (0, width - w, 0, height - h), mode="replicate")
+
+
+def extract(x: torch.Tensor, plan: CropPlan) -> torch.Tensor:
+    """Cut `x` (B, C, H, W) into a batch (B * N, C, crop_h, crop_w) of the plan's N crops.
+
+    Image-major order: crop i of image b is at index b * N + i, so
+    `batch.view(B, N, ...)` splits them back.
+    """
+    b, c, h, w = x.shape
+    if (h, w) != (plan.height, plan.width):
+        raise ValueError(f"plan is for {plan.height}x{plan.width}, input is {h}x{w}")
+    pieces = [
+        x[:, :, cr.top : cr.top + plan.crop_h, cr.left : cr.left + plan.crop_w] for cr in plan.crops
+    ]
+    return torch.stack(pieces, dim=1).reshape(b * len(plan.crops), c, plan.crop_h, plan.crop_w)
+
+
+def stitch(outputs: torch.Tensor, plan: CropPlan, *, scale: int) -> torch.Tensor:
+    """Assemble the network's outputs for `extract(x, plan)` into (B, C, H * s, W * s).
+
+    Each crop supplies its keep region; the overlap is dropped.
+    """
+    n = len(plan.crops)
+    total, c, oh, ow = outputs.shape
+    if total % n or (oh, ow) != (plan.crop_h * scale, plan.crop_w * scale):
+        raise ValueError(
+            f"outputs {tuple(outputs.shape)} do not match {n} crops of "
+            f"{plan.crop_h}x{plan.crop_w} at scale {scale}"
+        )
+    per_image = outputs.view(total // n, n, c, oh, ow)
+    result = outputs.new_empty(total // n, c, plan.height * scale, plan.width * scale)
+    s = scale
+    for i, cr in enumerate(plan.crops):
+        top, bottom = (cr.keep_top - cr.top) * s, (cr.keep_bottom - cr.top) * s
+        left, right = (cr.keep_left - cr.left) * s, (cr.keep_right - cr.left) * s
+        result[:, :, cr.keep_top * s : cr.keep_bottom * s, cr.keep_left * s : cr.keep_right * s] = (
+            per_image[:, i, :, top:bottom, left:right]
+        )
+    return result
+
+
+def run_plan(
+    model_fn: ModelFn,
+    x: torch.Tensor,
+    plan: CropPlan,
+    *,
+    scale: int,
+    max_batch: int | None = None,
+) -> torch.Tensor:
+    """Run `model_fn` over the plan's crops of `x` and stitch the result.
+
+    An input smaller than the plan (a side below the network's size multiple, the
+    plan made for the padded size) is replicate-padded at the bottom and right and
+    the output cropped back. `max_batch` caps the crops per call. Gradient mode is
+    the caller's choice (wrap in `torch.inference_mode()` for serving).
+    """
+    h, w = x.shape[-2:]
+    crops = extract(_pad_to(x, plan.height, plan.width), plan)
+    step = crops.shape[0] if max_batch is None else max_batch
+    if step < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    outputs = torch.cat([model_fn(crops[i : i + step]) for i in range(0, crops.shape[0], step)])
+    return stitch(outputs, plan, scale=scale)[:, :, : h * scale, : w * scale]
+
+
+def authors_forward(model: ModelFn, x: torch.Tensor, *, padding: int = 32) -> torch.Tensor:
+    """IMDN_AS inference exactly as the authors' test script does it.
+
+    The whole image when both sides are multiples of 4, otherwise the 4-crop ACS
+    run as one batch of 4 (per input image). Where their script breaks, this does
+    not: an image with a side below 4 is replicate-padded to multiples of 4 first
+    (and so runs whole), and crop sides are clamped to the image (see `acs_plan`).
+    Runs under `torch.no_grad()`, as theirs does.
+    """
+    h, w = x.shape[-2:]
+    with torch.no_grad():
+        padded = pad_to_multiple(x, 4)[0] if min(h, w) < 4 else x
+        ph, pw = padded.shape[-2:]
+        if ph % 4 == 0 and pw % 4 == 0:
+            return model(padded)[:, :, :h, :w]
+        return run_plan(model, padded, acs_plan(ph, pw, padding=padding, multiple=4), scale=1)
