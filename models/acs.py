@@ -12,6 +12,7 @@ network's scale. Pure tensor code: no I/O, nothing loaded at import.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
@@ -177,6 +178,123 @@ def acs_plan(height: int, width: int, *, padding: int = 32, multiple: int = 4) -
     )
 
 
+def authors_plan(height: int, width: int, *, padding: int = 32) -> CropPlan:
+    """The authors' rule for IMDN_AS: whole image if both sides are multiples of 4, else ACS."""
+    if height % 4 == 0 and width % 4 == 0:
+        return whole_plan(height, width)
+    return acs_plan(height, width, padding=padding, multiple=4)
+
+
+@dataclass(frozen=True)
+class _AxisRule:
+    """How crop sides are chosen along one image side of `size` pixels."""
+
+    size: int
+    padding: int
+    multiple: int
+    granularity: int
+
+    def side(self, count: int) -> int:
+        """The crop side for `count` crops: the least that leaves `padding` context per seam.
+
+        With evenly spread starts the gap between neighbours is at most
+        (size - side) / (count - 1), plus `multiple` where interior starts are rounded,
+        and each seam needs an overlap of 2 * padding: solving for the side gives
+        `need`. It is rounded up to the granularity for stable shapes, to `multiple`
+        where that would exceed the image, and clamped to the image.
+        """
+        largest = _round_down(self.size, self.multiple)
+        if count == 1:
+            return self.size
+        slop = self.multiple if count > 2 else 0
+        need = -(-(self.size + (2 * self.padding + slop) * (count - 1)) // count)
+        side = _round_up(need, math.lcm(self.multiple, self.granularity))
+        if side > largest:
+            side = _round_up(need, self.multiple)
+        return min(side, largest)
+
+    def fewest(self, limit: int) -> tuple[int, int] | None:
+        """The smallest count whose crop side is <= `limit`, with that side; None if none."""
+        if self.size % self.multiple == 0 and self.size <= limit:
+            return 1, self.size
+        if self.side(2) <= limit:
+            return 2, self.side(2)
+        # from 3 crops on, the side shrinks as the count grows: bisect for the first fit
+        low, high = 3, max(3, self.size)
+        if self.side(high) > limit:
+            return None
+        while low < high:
+            mid = (low + high) // 2
+            if self.side(mid) <= limit:
+                high = mid
+            else:
+                low = mid + 1
+        return low, self.side(low)
+
+    def spans(self, count: int) -> tuple[_Span, ...]:
+        return _axis_spans(self.size, count, self.side(count), align=self.multiple)
+
+
+def grid_plan(
+    height: int,
+    width: int,
+    *,
+    max_crop_pixels: int,
+    padding: int = 32,
+    multiple: int = 1,
+    granularity: int = 16,
+) -> CropPlan:
+    """The fewest equal-shape overlapping crops with crop_h * crop_w <= `max_crop_pixels`.
+
+    `multiple` is the network's size rule (`model.size_multiple`: 1 for IMDN, 4 for
+    IMDN_AS); crop sides are multiples of it, and rounded up to multiples of
+    `granularity` where the image allows, so that images of similar sizes share crop
+    shapes (and batches). On each axis the crops start evenly spread from 0 to
+    side - crop (interior starts rounded to `multiple`, which keeps IMDN_AS's
+    stride-4 phase of an aligned image), each interior seam lies in the middle of
+    an overlap and leaves at least `padding` pixels of context on both sides
+    (unless the crop is clamped to the image). The whole image, in one piece, when
+    it fits and is aligned; two crops along a side that is not a multiple of
+    `multiple`. With 2 x 2 crops the geometry is the paper's ACS.
+
+    Among grids with the fewest crops, the one with the smallest crops wins, then
+    the squarer. Sides below `multiple` are refused: pad first (`pad_to_multiple`).
+    """
+    if min(height, width) < multiple:
+        raise ValueError(
+            f"a {height}x{width} image has a side below the size multiple {multiple}: "
+            "pad it first (pad_to_multiple)"
+        )
+    if padding < 0 or multiple < 1 or granularity < 1:
+        raise ValueError(f"bad padding {padding}, multiple {multiple} or granularity {granularity}")
+    rows = _AxisRule(height, padding, multiple, granularity)
+    cols = _AxisRule(width, padding, multiple, granularity)
+    # the narrowest rows bound how wide the crops can be, so how few columns there can be
+    narrowest = min(rows.side(2), rows.side(max(3, height)))
+    widest = cols.fewest(max_crop_pixels // narrowest)
+    if widest is None:
+        raise ValueError(
+            f"no grid of crops of at most {max_crop_pixels} px fits a {height}x{width} image "
+            f"with padding {padding} (a crop side needs more than 2 x padding)"
+        )
+    fewest_cols = widest[0]
+    best: tuple[tuple[int, int, int, int], int, int] | None = None
+    n_h = 1 if height % multiple == 0 else 2
+    while best is None or n_h * fewest_cols <= best[0][0]:
+        crop_h = rows.side(n_h)
+        fit = cols.fewest(max_crop_pixels // crop_h)
+        if fit is not None:
+            n_w, crop_w = fit
+            key = (n_h * n_w, crop_h * crop_w, abs(crop_h - crop_w), n_h)
+            if best is None or key < best[0]:
+                best = (key, n_h, n_w)
+        n_h += 1
+    _, n_h, n_w = best
+    return _plan_from_axes(
+        height, width, rows.side(n_h), cols.side(n_w), rows.spans(n_h), cols.spans(n_w)
+    )
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """Replicate-pad the bottom and right of `x` (N, C, H, W) up to multiples of `multiple`.
 
@@ -270,7 +388,31 @@ def authors_forward(model: ModelFn, x: torch.Tensor, *, padding: int = 32) -> to
     h, w = x.shape[-2:]
     with torch.no_grad():
         padded = pad_to_multiple(x, 4)[0] if min(h, w) < 4 else x
-        ph, pw = padded.shape[-2:]
-        if ph % 4 == 0 and pw % 4 == 0:
+        plan = authors_plan(*padded.shape[-2:], padding=padding)
+        if plan.is_whole:
             return model(padded)[:, :, :h, :w]
-        return run_plan(model, padded, acs_plan(ph, pw, padding=padding, multiple=4), scale=1)
+        return run_plan(model, padded, plan, scale=1)
+
+
+def forward_tiled(
+    model_fn: ModelFn,
+    x: torch.Tensor,
+    *,
+    scale: int,
+    max_crop_pixels: int,
+    multiple: int = 1,
+    padding: int = 32,
+    granularity: int = 16,
+    max_batch: int | None = None,
+) -> torch.Tensor:
+    """Run `model_fn` on `x` through a `grid_plan`; sides below `multiple` are padded first."""
+    h, w = x.shape[-2:]
+    plan = grid_plan(
+        max(h, multiple),
+        max(w, multiple),
+        max_crop_pixels=max_crop_pixels,
+        padding=padding,
+        multiple=multiple,
+        granularity=granularity,
+    )
+    return run_plan(model_fn, x, plan, scale=scale, max_batch=max_batch)
