@@ -1,0 +1,203 @@
+"""The metrics exposition parses, and carries exactly what was observed."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from service.metrics import (
+    BATCH_SIZE_BUCKETS,
+    OUTCOMES,
+    SECONDS_BUCKETS,
+    Metrics,
+    peak_memory_bytes,
+    reset_peak_memory,
+    resident_memory_bytes,
+)
+
+EXPECTED_TYPES = {
+    "imdn_request_duration_seconds": "histogram",
+    "imdn_time_to_first_byte_seconds": "histogram",
+    "imdn_queue_wait_seconds": "histogram",
+    "imdn_compute_seconds": "histogram",
+    "imdn_decode_seconds": "histogram",
+    "imdn_encode_seconds": "histogram",
+    "imdn_batch_size": "histogram",
+    "imdn_queue_depth": "gauge",
+    "imdn_requests_in_flight": "gauge",
+    "imdn_peak_memory_bytes": "gauge",
+    "imdn_model_load_seconds": "gauge",
+    "imdn_model_warmup_seconds": "gauge",
+    "imdn_ready": "gauge",
+    "imdn_requests": "counter",
+    "imdn_input_pixels": "counter",
+    "imdn_output_pixels": "counter",
+    "imdn_errors": "counter",
+    "imdn_batches": "counter",
+}
+
+
+def samples(metrics: Metrics) -> list[Sample]:
+    body, content_type = metrics.render()
+    assert content_type.startswith("text/plain; version=0.0.4")
+    return [s for f in text_string_to_metric_families(body.decode()) for s in f.samples]
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
+    """The one sample named `name` whose labels include `labels`."""
+    found = [
+        s.value
+        for s in samples(metrics)
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+    assert len(found) == 1, f"{name}{labels}: {len(found)} samples"
+    return found[0]
+
+
+def test_every_metric_family_is_exposed_with_its_type() -> None:
+    body, _ = Metrics().render()
+    families = {f.name: f.type for f in text_string_to_metric_families(body.decode())}
+    assert families == EXPECTED_TYPES
+
+
+def test_request_is_timed_by_status_and_counted_by_outcome() -> None:
+    m = Metrics()
+    m.observe_request("x4", 200, "ok", 0.3)
+    m.observe_request("x4", 200, "ok", 1.7)
+    m.observe_request("x4", 429, "rejected", 0.002)
+    base = "imdn_request_duration_seconds"
+    assert value(m, f"{base}_count", model="x4", status="200") == 2
+    assert value(m, f"{base}_sum", model="x4", status="200") == pytest.approx(2.0)
+    assert value(m, f"{base}_bucket", model="x4", status="200", le="0.25") == 0
+    assert value(m, f"{base}_bucket", model="x4", status="200", le="0.5") == 1
+    assert value(m, f"{base}_bucket", model="x4", status="200", le="2.5") == 2
+    assert value(m, f"{base}_bucket", model="x4", status="429", le="0.005") == 1
+    assert value(m, "imdn_requests_total", model="x4", outcome="ok") == 2
+    assert value(m, "imdn_requests_total", model="x4", outcome="rejected") == 1
+
+
+def test_unknown_outcome_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown outcome 'oops'"):
+        Metrics().observe_request("x2", 500, "oops", 0.1)
+
+
+def test_batch_records_size_compute_peak_memory_and_count() -> None:
+    m = Metrics()
+    m.observe_batch("AS", size=4, seconds=0.02, peak_bytes=123_456_789, device="cuda:0")
+    m.observe_batch("AS", size=8, seconds=0.03, peak_bytes=98_765_432, device="cuda:0")
+    assert value(m, "imdn_batch_size_bucket", model="AS", le="2.0") == 0
+    assert value(m, "imdn_batch_size_bucket", model="AS", le="4.0") == 1
+    assert value(m, "imdn_batch_size_bucket", model="AS", le="8.0") == 2
+    assert value(m, "imdn_batch_size_sum", model="AS") == 12
+    assert value(m, "imdn_compute_seconds_sum", model="AS") == pytest.approx(0.05)
+    # A gauge: the last batch's peak, not the largest one.
+    assert value(m, "imdn_peak_memory_bytes", model="AS", device="cuda:0") == 98_765_432
+    assert value(m, "imdn_batches_total", model="AS") == 2
+
+
+def test_stage_timings_pixels_errors_and_gauges() -> None:
+    m = Metrics()
+    m.observe_queue_wait("x2", 0.004)
+    m.observe_time_to_first_byte("x2", 0.08)
+    m.observe_decode(0.003)
+    m.observe_encode(0.04)
+    m.observe_pixels("x2", input_pixels=256 * 256, output_pixels=512 * 512)
+    m.count_error("queue_full")
+    m.count_error("queue_full")
+    m.set_queue_depth(17)
+    m.request_started()
+    m.request_started()
+    m.request_finished()
+    m.set_ready(True)
+    assert value(m, "imdn_queue_wait_seconds_bucket", model="x2", le="0.005") == 1
+    assert value(m, "imdn_time_to_first_byte_seconds_sum", model="x2") == pytest.approx(0.08)
+    assert value(m, "imdn_decode_seconds_count") == 1
+    assert value(m, "imdn_encode_seconds_sum") == pytest.approx(0.04)
+    assert value(m, "imdn_input_pixels_total", model="x2") == 65_536
+    assert value(m, "imdn_output_pixels_total", model="x2") == 262_144
+    assert value(m, "imdn_errors_total", reason="queue_full") == 2
+    assert value(m, "imdn_queue_depth") == 17
+    assert value(m, "imdn_requests_in_flight") == 1
+    assert value(m, "imdn_ready") == 1
+    m.set_ready(False)
+    assert value(m, "imdn_ready") == 0
+
+
+def test_model_loaded_sets_timings_and_starts_its_counters_at_zero() -> None:
+    m = Metrics()
+    assert not [s for s in samples(m) if s.name == "imdn_requests_total"]
+    m.model_loaded("x3", load_seconds=0.42, warmup_seconds=1.5)
+    assert value(m, "imdn_model_load_seconds", model="x3") == pytest.approx(0.42)
+    assert value(m, "imdn_model_warmup_seconds", model="x3") == pytest.approx(1.5)
+    for outcome in OUTCOMES:
+        assert value(m, "imdn_requests_total", model="x3", outcome=outcome) == 0
+    for name in ("imdn_input_pixels_total", "imdn_output_pixels_total", "imdn_batches_total"):
+        assert value(m, name, model="x3") == 0
+
+
+def test_buckets_span_milliseconds_to_a_minute() -> None:
+    m = Metrics()
+    m.compute.labels(model="x4").observe(45.0)
+    les = sorted(
+        float(s.labels["le"])
+        for s in samples(m)
+        if s.name == "imdn_compute_seconds_bucket" and s.labels["model"] == "x4"
+    )
+    assert les[0] == 0.005 and les[-2] == 60.0 and math.isinf(les[-1])
+    assert les[:-1] == list(SECONDS_BUCKETS)
+    sizes = [float(s.labels["le"]) for s in samples(m) if s.name == "imdn_batch_size_bucket"]
+    assert sizes == []  # no batch yet: no series
+    m.observe_batch("x4", 64, 0.1, 1, "cpu")
+    sizes = [float(s.labels["le"]) for s in samples(m) if s.name == "imdn_batch_size_bucket"]
+    assert sizes[:-1] == list(BATCH_SIZE_BUCKETS)
+
+
+def test_two_instances_in_one_process_are_independent() -> None:
+    a, b = Metrics(), Metrics()
+    a.observe_request("x2", 200, "ok", 0.1)
+    assert value(a, "imdn_requests_total", model="x2", outcome="ok") == 1
+    assert not [s for s in samples(b) if s.name == "imdn_requests_total"]
+
+
+def test_openmetrics_is_served_when_asked_for() -> None:
+    m = Metrics()
+    m.observe_request("x4", 200, "ok", 0.3)
+    body, content_type = m.render("application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    families = {f.name: f for f in openmetrics_families(body.decode())}  # type: ignore[no-untyped-call]
+    assert families["imdn_requests"].type == "counter"
+    assert families["imdn_request_duration_seconds"].type == "histogram"
+    plain, plain_type = m.render("text/plain")
+    assert plain_type.startswith("text/plain") and plain == m.render()[0]
+
+
+def test_resident_memory_grows_with_an_allocation() -> None:
+    before = resident_memory_bytes()
+    block = np.ones(64 * 1024 * 1024, dtype=np.uint8)  # 64 MiB, every page touched
+    after = peak_memory_bytes("cpu")
+    assert int(block[-1]) == 1
+    assert before > 10 * 1024 * 1024  # a Python process with torch loaded
+    assert after - before >= 48 * 1024 * 1024
+    reset_peak_memory("cpu")  # nothing to reset on the CPU, and no error
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_peak_is_reset_per_batch() -> None:
+    device = torch.device("cuda")
+    reset_peak_memory(device)
+    big = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device=device)
+    del big
+    assert peak_memory_bytes(device) >= 256 * 1024 * 1024
+    reset_peak_memory(device)
+    small = torch.empty(1024 * 1024, dtype=torch.uint8, device=device)
+    assert peak_memory_bytes(device) < 256 * 1024 * 1024
+    del small
