@@ -46,20 +46,36 @@ REGISTRY: dict[str, CheckpointSpec] = {
     spec.name: spec
     for spec in (
         CheckpointSpec(
-            "x2", "IMDN", 2, "IMDN_x2.pth",
-            "740b39653592bd3f49955a21cd9e16f2d37f2c413368cc09327601b8fbe42ce1", 694_404,
+            "x2",
+            "IMDN",
+            2,
+            "IMDN_x2.pth",
+            "740b39653592bd3f49955a21cd9e16f2d37f2c413368cc09327601b8fbe42ce1",
+            694_404,
         ),
         CheckpointSpec(
-            "x3", "IMDN", 3, "IMDN_x3.pth",
-            "11b1716a19bc16e5e353e1db798d476169338e631eb170c82d765559888cb028", 703_059,
+            "x3",
+            "IMDN",
+            3,
+            "IMDN_x3.pth",
+            "11b1716a19bc16e5e353e1db798d476169338e631eb170c82d765559888cb028",
+            703_059,
         ),
         CheckpointSpec(
-            "x4", "IMDN", 4, "IMDN_x4.pth",
-            "e660c38221147217a136debeb99eb304d62d9c0f73ac421ed66281b619719714", 715_176,
+            "x4",
+            "IMDN",
+            4,
+            "IMDN_x4.pth",
+            "e660c38221147217a136debeb99eb304d62d9c0f73ac421ed66281b619719714",
+            715_176,
         ),
         CheckpointSpec(
-            "AS", "IMDN_AS", 1, "IMDN_AS.pth",
-            "3cbddf7635581a5a1eab501b18081e7825dcdfd53a1a7670e1e571515eae76ff", 752_104,
+            "AS",
+            "IMDN_AS",
+            1,
+            "IMDN_AS.pth",
+            "3cbddf7635581a5a1eab501b18081e7825dcdfd53a1a7670e1e571515eae76ff",
+            752_104,
         ),
     )
 }
@@ -69,9 +85,7 @@ def spec_for(name: str) -> CheckpointSpec:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise CheckpointError(
-            f"unknown model {name!r}; known: {', '.join(REGISTRY)}"
-        ) from None
+        raise CheckpointError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}") from None
 
 
 # Official key (after stripping `module.`) -> our key. Applied in order.
@@ -128,7 +142,9 @@ def _read_state_dict(data: bytes, source: str) -> dict[str, torch.Tensor]:
     return {canonical_key(k): v for k, v in obj.items()}
 
 
-def infer_architecture(state: dict[str, torch.Tensor], source: str = "checkpoint") -> tuple[str, int]:
+def infer_architecture(
+    state: dict[str, torch.Tensor], source: str = "checkpoint"
+) -> tuple[str, int]:
     """(arch, network scale) from tensor shapes: the head and the upsampler tell."""
     tail = state.get("upsample_conv.weight")
     if tail is None or tail.ndim != 4:
@@ -163,10 +179,7 @@ def load_model(
     if not path.is_file():
         hint = ""
         if expect is not None:
-            hint = (
-                f"; get it with `imdn fetch-weights --dir {path.parent}` "
-                f"or from {expect.url()}"
-            )
+            hint = f"; get it with `imdn fetch-weights --dir {path.parent}` or from {expect.url()}"
         raise CheckpointError(f"{source}: no such file{hint}")
     data = path.read_bytes()
     state = _read_state_dict(data, source)
@@ -184,7 +197,9 @@ def load_model(
             + "; ".join(
                 f"{label}: {', '.join(items[:4])}{' …' if len(items) > 4 else ''}"
                 for label, items in (
-                    ("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)
+                    ("missing", missing),
+                    ("unexpected", unexpected),
+                    ("wrong shape", mismatched),
                 )
                 if items
             )
@@ -270,7 +285,7 @@ def fetch(
     digest = hashlib.sha256()
 
     def write(f: io.BufferedWriter) -> None:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - https/file URLs we configure
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             total = response.length
             done = 0
             for chunk in iter(lambda: response.read(1 << 16), b""):

@@ -50,13 +50,14 @@ class InformationMultiDistillationBlock(nn.Module):
         self.c5 = _conv(distilled * 4, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        split = (self.distilled, self.remaining)
+        split = [self.distilled, self.remaining]
         kept1, rest = torch.split(F.leaky_relu(self.c1(x), LEAKY_SLOPE), split, dim=1)
         kept2, rest = torch.split(F.leaky_relu(self.c2(rest), LEAKY_SLOPE), split, dim=1)
         kept3, rest = torch.split(F.leaky_relu(self.c3(rest), LEAKY_SLOPE), split, dim=1)
         kept4 = self.c4(rest)
         distilled = torch.cat([kept1, kept2, kept3, kept4], dim=1)
-        return self.c5(self.cca(distilled)) + x
+        out: torch.Tensor = self.c5(self.cca(distilled)) + x
+        return out
 
 
 class IMDN(nn.Module):
@@ -91,7 +92,7 @@ class IMDN(nn.Module):
         return F.pixel_shuffle(self.upsample_conv(body), self.upsample_factor)
 
 
-class IMDN_AS(IMDN):  # noqa: N801 - the paper's name
+class IMDN_AS(IMDN):
     """The any-scale network: same-size restoration of a bicubic-upscaled image.
 
     The head downsamples by 4 (two stride-2 convs) and the tail upsamples by 4,

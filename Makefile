@@ -1,0 +1,38 @@
+# The two commands a newcomer needs (see README.md):
+#   make serve   set up and run the service on this machine (CPU unless CUDA is there)
+#   make test    set up and run every check: lint, types, the test suite
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of PyTorch (a local wheel on our dev/CI machines). On a GPU host,
+# use the CUDA build instead: make serve TORCH=torch
+TORCH ?= torch==2.13.0
+WEIGHTS_DIR ?= weights
+BIN := $(VENV)/bin
+
+.PHONY: serve test setup system-tools lint clean
+
+$(BIN)/imdn: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)" -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/imdn
+
+# Debian's Prometheus (a real server the tests scrape with, and promtool).
+system-tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  echo "installing Debian's prometheus package (needs root)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+serve: setup
+	IMDN_WEIGHTS_DIR=$(WEIGHTS_DIR) IMDN_FETCH_WEIGHTS=true $(BIN)/imdn serve
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: setup system-tools lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

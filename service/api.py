@@ -1,0 +1,409 @@
+"""HTTP routes: thin functions over the engine, errors as `application/problem+json`.
+
+`POST /v1/superres?scale=S` takes the image as the raw body or as a multipart
+field `image`, reads it with a size cap, decodes it off the event loop, runs it
+through the engine, and streams a PNG back with a `Server-Timing` header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import time
+from collections.abc import AsyncGenerator, Iterator
+from http import HTTPStatus
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from service import imaging
+from service.engine import Engine, EngineError, QueueFull, UpscaleResult
+from service.metrics import Metrics, peak_memory_bytes
+from service.report import Report, report_markdown
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PROBLEM = "application/problem+json"
+STREAM_CHUNK = 64 * 1024
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/tiff")
+
+
+class ProblemError(Exception):
+    """A client-facing error with an HTTP status and a machine-readable reason."""
+
+    def __init__(
+        self, status: int, reason: str, detail: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.status, self.reason, self.detail, self.headers = status, reason, detail, headers
+
+
+def problem(
+    status: int, reason: str, detail: Any, headers: dict[str, str] | None = None
+) -> Response:
+    """An RFC 9457 problem document."""
+    body = {
+        "type": "about:blank",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "reason": reason,
+        "detail": detail,
+    }
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+# Dependencies
+
+
+def get_engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_report(request: Request) -> Report:
+    report: Report = request.app.state.report
+    return report
+
+
+def require_api_key(request: Request) -> None:
+    """With `IMDN_API_KEYS` set, a valid key is needed (Bearer token or X-API-Key)."""
+    keys = get_settings(request).api_keys
+    if not keys:
+        return
+    given = request.headers.get("x-api-key", "")
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    # compare against every key, always, so timing says nothing about which matched
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given.encode(), key.get_secret_value().encode())
+    if not matched:
+        raise ProblemError(
+            401,
+            "unauthorized",
+            "a valid API key is required (Authorization: Bearer <key>)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ReportDep = Annotated[Report, Depends(get_report)]
+Authorized = [Depends(require_api_key)]
+
+
+# Reading the body
+
+
+async def read_capped(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ProblemError(413, "body_too_large", f"the body is {declared} bytes; limit {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ProblemError(413, "body_too_large", f"the body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def image_from_request(request: Request, limit: int) -> tuple[bytes, str | None]:
+    """(image bytes, declared content type) from a raw body or a multipart field `image`."""
+    content_type = request.headers.get("content-type")
+    body = await read_capped(request, limit)
+    if not content_type or not content_type.lower().startswith("multipart/form-data"):
+        return body, content_type
+
+    async def replay() -> AsyncGenerator[bytes, None]:
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, replay(), max_files=4, max_fields=16).parse()
+    except MultiPartException as exc:
+        raise ProblemError(400, "bad_multipart", f"the multipart body is malformed: {exc}") from exc
+    field = form.get("image")
+    if not isinstance(field, UploadFile):
+        raise ProblemError(
+            422, "missing_image_field", "a multipart body needs a file field named 'image'"
+        )
+    data = await field.read()
+    await form.close()
+    return data, field.content_type
+
+
+# Routes
+
+
+def install(app: FastAPI) -> None:
+    """Add the routes and the problem+json error handlers to `app`."""
+    app.add_exception_handler(ProblemError, _problem_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected_error)
+    app.include_router(_router())
+
+
+def _router() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        """The process is up (liveness)."""
+        return {"status": "ok"}
+
+    @router.get("/readyz", tags=["ops"], responses={503: {"description": "models not warm yet"}})
+    async def readyz(engine: EngineDep) -> Response:
+        """200 once every model is loaded and warm (readiness)."""
+        if not engine.ready:
+            return problem(503, "not_ready", "models are loading or the server is stopping")
+        return JSONResponse({"status": "ready", "models": list(engine.models)})
+
+    @router.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    async def metrics_route(request: Request, metrics: MetricsDep) -> Response:
+        """Prometheus exposition."""
+        body, content_type = metrics.render(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
+
+    @router.get("/v1/models", tags=["models"], dependencies=Authorized)
+    async def list_models(engine: EngineDep) -> dict[str, list[dict[str, Any]]]:
+        """The loaded models: scale, parameters, depth, device and precision."""
+        return {
+            "models": [
+                {
+                    "name": m.name,
+                    "architecture": "IMDN_AS" if m.scale == 1 else "IMDN",
+                    "scale": "any" if m.scale == 1 else m.scale,
+                    "parameters": m.parameters,
+                    "depth": m.depth,
+                    "device": str(engine.device),
+                    "precision": str(m.dtype).removeprefix("torch."),
+                }
+                for m in engine.models.values()
+            ]
+        }
+
+    @router.get("/v1/report", tags=["models"], dependencies=Authorized)
+    async def report_route(request: Request, engine: EngineDep, report: ReportDep) -> Response:
+        """Table 6 of the paper, live: time per image and peak memory per model."""
+        rows = report.rows((m.name, m.parameters, m.depth) for m in engine.models.values())
+        if "text/markdown" in request.headers.get("accept", ""):
+            return PlainTextResponse(report_markdown(rows), media_type="text/markdown")
+        return JSONResponse({"device": str(engine.device), "models": [r.as_dict() for r in rows]})
+
+    @router.post(
+        "/v1/superres",
+        tags=["superres"],
+        dependencies=Authorized,
+        response_class=StreamingResponse,
+        responses={
+            200: {"content": {"image/png": {}}, "description": "the super-resolved PNG"},
+            **{
+                code: {"content": {PROBLEM: {}}, "description": text}
+                for code, text in (
+                    (400, "undecodable image"),
+                    (401, "missing or wrong API key"),
+                    (413, "body, input or output too large"),
+                    (415, "unsupported image type"),
+                    (422, "bad scale or missing field"),
+                    (429, "queue full: retry after Retry-After seconds"),
+                    (503, "not ready"),
+                    (504, "deadline exceeded"),
+                )
+            },
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    **{t: {"schema": {"type": "string", "format": "binary"}} for t in IMAGE_TYPES},
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["image"],
+                            "properties": {"image": {"type": "string", "format": "binary"}},
+                        }
+                    },
+                },
+            }
+        },
+    )
+    async def superres(
+        request: Request,
+        engine: EngineDep,
+        metrics: MetricsDep,
+        settings: SettingsDep,
+        report: ReportDep,
+        scale: Annotated[float, Query(description="output / input size, in (1, max_scale]")],
+    ) -> Response:
+        """Super-resolve one image by `scale`; the answer is a PNG."""
+        return await _superres(request, engine, metrics, settings, report, scale)
+
+    return router
+
+
+async def _superres(
+    request: Request,
+    engine: Engine,
+    metrics: Metrics,
+    settings: Settings,
+    report: Report,
+    scale: float,
+) -> Response:
+    arrived = time.perf_counter()
+    metrics.request_started()
+    model, status, outcome = "none", 500, "error"
+    streaming = False
+    try:
+        if not math.isfinite(scale) or not 1 < scale <= settings.max_scale:
+            raise ProblemError(
+                422, "scale_out_of_range", f"scale must be a number in (1, {settings.max_scale:g}]"
+            )
+        model = engine.model_name(scale)
+        data, content_type = await image_from_request(request, settings.max_upload_bytes)
+        t0 = time.perf_counter()
+        decoded = await asyncio.to_thread(
+            imaging.decode, data, content_type, max_pixels=settings.max_input_pixels
+        )
+        decode_s = time.perf_counter() - t0
+        metrics.observe_decode(decode_s)
+        out_h, out_w = imaging.output_size(decoded.height, decoded.width, scale)
+        imaging.check_output_pixels(out_h, out_w, settings.max_output_pixels)
+        result = await _upscale_watching_disconnect(request, engine, decoded.rgb, scale)
+        t0 = time.perf_counter()
+        png = await asyncio.to_thread(_compose_encode, decoded, result, settings)
+        encode_s = time.perf_counter() - t0
+        metrics.observe_encode(encode_s)
+        metrics.observe_pixels(model, decoded.width * decoded.height, out_w * out_h)
+        inference_s = result.compute_seconds
+        report.record(model, time.perf_counter() - arrived, peak_memory_bytes(engine.device))
+        headers = {
+            "Server-Timing": ", ".join(
+                f"{name};dur={seconds * 1000:.1f}"
+                for name, seconds in (
+                    ("decode", decode_s),
+                    ("queue", result.queue_seconds),
+                    ("inference", inference_s),
+                    ("encode", encode_s),
+                )
+            ),
+            "X-IMDN-Model": model,
+            "X-IMDN-Crops": str(result.crops),
+            "Content-Length": str(len(png)),
+        }
+        status, outcome, streaming = 200, "ok", True
+        return StreamingResponse(
+            _stream(png, model, arrived, metrics), media_type="image/png", headers=headers
+        )
+    except imaging.ImageError as exc:
+        status, outcome = exc.status, "client_error"
+        metrics.count_error(exc.reason)
+        raise ProblemError(exc.status, exc.reason, exc.detail) from exc
+    except ProblemError as exc:
+        status, outcome = exc.status, "client_error"
+        metrics.count_error(exc.reason)
+        raise
+    except QueueFull as exc:
+        status, outcome = 429, "rejected"
+        metrics.count_error(exc.reason)
+        raise ProblemError(
+            429, exc.reason, str(exc), headers={"Retry-After": f"{exc.retry_after_s:.0f}"}
+        ) from exc
+    except EngineError as exc:
+        status = exc.status
+        outcome = {504: "timeout", 503: "rejected"}.get(exc.status, "client_error")
+        metrics.count_error(exc.reason)
+        raise ProblemError(exc.status, exc.reason, str(exc)) from exc
+    except asyncio.CancelledError:
+        status, outcome = 499, "cancelled"
+        metrics.count_error("client_disconnected")
+        raise
+    finally:
+        metrics.request_finished()
+        if not streaming:
+            metrics.observe_request(model, status, outcome, time.perf_counter() - arrived)
+
+
+async def _upscale_watching_disconnect(
+    request: Request, engine: Engine, rgb: Any, scale: float
+) -> UpscaleResult:
+    """Run the upscale, cancelling it (and dropping its queued crops) if the client leaves."""
+    work = asyncio.ensure_future(engine.upscale(rgb, scale))
+
+    async def watch() -> None:
+        while not work.done():
+            if await request.is_disconnected():
+                work.cancel()
+                return
+            await asyncio.sleep(0.1)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await work
+    finally:
+        watcher.cancel()
+
+
+def _compose_encode(decoded: Any, result: UpscaleResult, settings: Settings) -> bytes:
+    image = imaging.compose(decoded, result.image)
+    return b"".join(
+        imaging.encode_png(
+            image, icc_profile=decoded.icc_profile, compress_level=settings.png_compress_level
+        )
+    )
+
+
+def _stream(png: bytes, model: str, arrived: float, metrics: Metrics) -> Iterator[bytes]:
+    """Yield the PNG in chunks; record time to first byte and the request when done."""
+    first = True
+    for i in range(0, len(png), STREAM_CHUNK):
+        if first:
+            metrics.observe_time_to_first_byte(model, time.perf_counter() - arrived)
+            first = False
+        yield png[i : i + STREAM_CHUNK]
+    metrics.observe_request(model, 200, "ok", time.perf_counter() - arrived)
+
+
+# Error handlers: every error is a problem document, never an HTML page or a bare 500
+
+
+async def _problem_error(request: Request, exc: ProblemError) -> Response:
+    return problem(exc.status, exc.reason, exc.detail, exc.headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    errors = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+    return problem(422, "invalid_request", errors)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    return problem(exc.status_code, "http_error", exc.detail, getattr(exc, "headers", None))
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return problem(500, "internal_error", "an unexpected error occurred; it has been logged")

@@ -1,0 +1,47 @@
+"""The FastAPI application factory: the lifespan starts and stops the engine."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service import api
+from service.engine import Engine
+from service.metrics import Metrics
+from service.report import Report
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app. Models load in the lifespan, so `/readyz` is 503 until they are warm."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    engine = Engine(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        log.info("ready: %s on %s (%s)", ", ".join(engine.models), engine.device, engine.dtype)
+        try:
+            yield
+        finally:
+            await engine.stop()
+
+    app = FastAPI(
+        title="IMDN super-resolution",
+        version="0.1.0",
+        description="Image super-resolution with IMDN (ACM MM 2019): PNG in any of the "
+        "usual formats, a PNG back at any scale in (1, max].",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.report = Report()
+    api.install(app)
+    return app

@@ -1,0 +1,282 @@
+"""The `imdn` command: serve, upscale, eval, profile, bench, fetch-weights."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from models.checkpoints import OFFICIAL_BASE_URL, REGISTRY, CheckpointError, fetch, load_official
+from models.imdn import build_model
+from models.profile import profile
+from service.report import markdown_table
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _default_weights_dir() -> Path:
+    return Path(os.environ.get("IMDN_WEIGHTS_DIR", "weights"))
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"imdn: error: {message}", file=sys.stderr)
+    return code
+
+
+# serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    overrides = {
+        k: v
+        for k, v in {
+            "host": args.host,
+            "port": args.port,
+            "weights_dir": args.weights_dir,
+            "device": args.device,
+            "fetch_weights": args.fetch_weights or None,
+        }.items()
+        if v is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        return _fail(_settings_errors(exc))
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        workers=1,  # one process owns the device; scale out with more processes
+        timeout_graceful_shutdown=int(settings.request_timeout_s),
+    )
+    return 0
+
+
+def _settings_errors(exc: ValidationError) -> str:
+    return "invalid settings:\n" + "\n".join(
+        f"  {'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+    )
+
+
+# upscale
+
+
+def _inputs(paths: Sequence[Path]) -> list[Path]:
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    return files
+
+
+def cmd_upscale(args: argparse.Namespace) -> int:
+    from service.settings import Settings
+
+    try:
+        files = _inputs(args.inputs)
+    except FileNotFoundError as exc:
+        return _fail(str(exc))
+    if not files:
+        return _fail("no images found in the inputs")
+    out: Path = args.output
+    if len(files) > 1 and out.suffix:
+        return _fail("several inputs need -o to name a folder")
+    from service.engine import model_for_scale
+
+    overrides: dict[str, object] = {"models": [model_for_scale(args.scale)]}
+    if args.weights_dir is not None:
+        overrides["weights_dir"] = args.weights_dir
+    if args.device is not None:
+        overrides["device"] = args.device
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        return _fail(_settings_errors(exc))
+    return asyncio.run(_upscale_files(settings, files, args.scale, out))
+
+
+async def _upscale_files(settings: object, files: list[Path], scale: float, out: Path) -> int:
+    from service import imaging
+    from service.engine import Engine
+    from service.settings import Settings
+
+    assert isinstance(settings, Settings)
+    engine = Engine(settings)
+    await engine.start()
+    failures = 0
+    try:
+        for path in tqdm(files, desc=f"x{scale:g}", unit="img", disable=len(files) < 2):
+            target = out / f"{path.stem}_x{scale:g}.png" if not out.suffix else out
+            try:
+                decoded = imaging.decode(
+                    path.read_bytes(), None, max_pixels=settings.max_input_pixels
+                )
+                h, w = imaging.output_size(decoded.height, decoded.width, scale)
+                imaging.check_output_pixels(h, w, settings.max_output_pixels)
+                result = await engine.upscale(decoded.rgb, scale)
+                image = imaging.compose(decoded, result.image)
+                png = b"".join(
+                    imaging.encode_png(
+                        image,
+                        icc_profile=decoded.icc_profile,
+                        compress_level=settings.png_compress_level,
+                    )
+                )
+            except imaging.ImageError as exc:
+                tqdm.write(f"{path}: skipped: {exc.detail}", file=sys.stderr)
+                failures += 1
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(png)
+            tqdm.write(f"{path} -> {target} ({w}x{h}, {result.model})")
+    finally:
+        await engine.stop()
+    return 1 if failures else 0
+
+
+# eval, profile, fetch-weights
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from models.evaluate import evaluate
+
+    name = args.model or (f"x{args.scale}" if args.scale else None)
+    if name is None:
+        return _fail("give --scale (2, 3, 4) or --model (x2, x3, x4, AS)")
+    if name not in REGISTRY:
+        return _fail(f"unknown model {name!r}; known: {', '.join(REGISTRY)}")
+    try:
+        model = load_official(name, args.weights_dir or _default_weights_dir())
+        report = evaluate(
+            model,
+            args.hr,
+            lr_dir=args.lr,
+            scale=args.scale,
+            progress=not args.json,
+        )
+    except (CheckpointError, ValueError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps({"model": name, **report.as_dict()}, indent=2))
+    else:
+        print(
+            f"{report.dataset} {name}: PSNR {report.psnr:.3f} dB, SSIM {report.ssim:.4f} "
+            f"over {report.images} images, {report.seconds_per_image:.3f} s/image"
+        )
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    rows = []
+    for name, spec in REGISTRY.items():
+        p = profile(build_model(spec.arch, spec.scale))
+        rows.append({"model": name, **p.as_dict()})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(
+            markdown_table(
+                ["model", "params", "depth", "mult-adds / output pixel"],
+                (
+                    (
+                        r["model"],
+                        r["parameters"],
+                        r["depth"],
+                        f"{r['mult_adds_per_output_pixel'] / 1e3:.1f}K",
+                    )
+                    for r in rows
+                ),
+            ),
+            end="",
+        )
+    return 0
+
+
+def cmd_fetch_weights(args: argparse.Namespace) -> int:
+    names = args.models or list(REGISTRY)
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        return _fail(f"unknown models {unknown}; known: {', '.join(REGISTRY)}")
+    for name in names:
+        spec = REGISTRY[name]
+        with tqdm(desc=spec.filename, unit="B", unit_scale=True, leave=True) as bar:
+
+            def progress(done: int, total: int | None, bar: tqdm = bar) -> None:
+                if total and bar.total != total:
+                    bar.total = total
+                bar.update(done - bar.n)
+
+            try:
+                path = fetch(spec, args.dir, base_url=args.base_url, progress=progress)
+            except (CheckpointError, OSError) as exc:
+                return _fail(f"{spec.filename}: {exc}")
+        print(f"{path}  sha256 {spec.sha256[:16]}… ok")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imdn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the HTTP service (settings from IMDN_* variables)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--weights-dir", type=Path)
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--fetch-weights", action="store_true", help="download missing checkpoints")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("upscale", help="super-resolve files or folders without HTTP")
+    p.add_argument("inputs", nargs="+", type=Path)
+    p.add_argument("--scale", type=float, required=True)
+    p.add_argument("-o", "--output", type=Path, default=Path("."), help="file or folder")
+    p.add_argument("--weights-dir", type=Path)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_upscale)
+
+    p = sub.add_parser("eval", help="PSNR/SSIM with the paper's protocol (Table 5)")
+    p.add_argument("--hr", type=Path, required=True)
+    p.add_argument("--lr", type=Path, help="LR folder; default: made by MATLAB bicubic")
+    p.add_argument("--scale", type=int, choices=(2, 3, 4))
+    p.add_argument("--model", choices=list(REGISTRY))
+    p.add_argument("--weights-dir", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("profile", help="parameters, depth and mult-adds per model (Tables 6, 7)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("fetch-weights", help="download and verify the official checkpoints")
+    p.add_argument("--dir", type=Path, default=_default_weights_dir())
+    p.add_argument("--base-url", default=OFFICIAL_BASE_URL)
+    p.add_argument("models", nargs="*", help=f"some of {', '.join(REGISTRY)} (default: all)")
+    p.set_defaults(func=cmd_fetch_weights)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

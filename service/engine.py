@@ -1,0 +1,411 @@
+"""The inference engine: warm models on one device, crops batched across requests.
+
+A request's image is planned into equal-shape crops (whole image, the paper's
+ACS, or a tile grid within the pixel budget), the crops go into a bounded
+queue keyed by (model, crop shape), and one scheduler forms batches from that
+queue and runs them, one at a time, on a single device thread: the only code
+that touches the device. Crops of one request always travel in one batch when
+they fit in one. FastAPI is not imported here: `imdn upscale` uses the same
+engine without HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import acs
+from models.checkpoints import REGISTRY, fetch, load_official
+from models.imdn import IMDN
+from models.profile import conv_depth
+from models.quality import imresize_tensor
+from service.imaging import output_size
+from service.metrics import Metrics, peak_memory_bytes, reset_peak_memory
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FIXED_SCALES = {2: "x2", 3: "x3", 4: "x4"}
+ACS_PADDING = 32  # the authors' p for the paper's four-crop ACS
+
+
+class EngineError(Exception):
+    """Base of the errors a request can get from the engine; `status` is the HTTP one."""
+
+    status = 500
+    reason = "engine_error"
+
+
+class ScaleNotServed(EngineError):
+    status = 422
+    reason = "model_not_loaded"
+
+
+class QueueFull(EngineError):
+    status = 429
+    reason = "queue_full"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(EngineError):
+    status = 504
+    reason = "deadline_exceeded"
+
+
+class NotReady(EngineError):
+    status = 503
+    reason = "not_ready"
+
+
+@dataclass
+class LoadedModel:
+    """A warm network on the device, with the facts the reports need."""
+
+    name: str
+    network: IMDN
+    scale: int
+    size_multiple: int
+    parameters: int
+    depth: int
+    dtype: torch.dtype
+    load_seconds: float = 0.0
+    warmup_seconds: float = 0.0
+
+
+@dataclass
+class UpscaleResult:
+    image: np.ndarray  # H' x W' x 3 float32 in [0, 1]
+    model: str
+    crops: int
+    queue_seconds: float
+    compute_seconds: float
+
+
+@dataclass(eq=False)
+class _Group:
+    """Crops of one request with one shape: they always share a batch."""
+
+    model: str
+    crops: torch.Tensor  # (n, 3, h, w), float32, on the CPU
+    deadline: float
+    future: asyncio.Future[tuple[torch.Tensor, float, float]]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.model, self.crops.shape[-2], self.crops.shape[-1])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but CUDA is not available here")
+    return device
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ValueError("fp16 is not supported on the CPU; use fp32 or bf16")
+    return dtype
+
+
+def model_for_scale(scale: float) -> str:
+    """The paper's fixed-scale network for 2, 3 and 4; IMDN_AS for any other scale."""
+    return FIXED_SCALES.get(int(scale), "AS") if float(scale).is_integer() else "AS"
+
+
+class Engine:
+    """Owns the device: loads the models, plans requests into crops, batches them."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.precision, self.device)
+        self.models: dict[str, LoadedModel] = {}
+        self.ready = False
+        self._pending: dict[tuple[str, int, int], deque[_Group]] = {}
+        self._queued_crops = 0
+        self._arrived = asyncio.Event()
+        self._scheduler: asyncio.Task[None] | None = None
+        self._device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imdn-device")
+        self._recent_batch_seconds: deque[float] = deque(maxlen=32)
+
+    # Life cycle
+
+    async def start(self) -> None:
+        """Load every configured model, warm it up, then start serving."""
+        if self.settings.torch_threads and self.device.type == "cpu":
+            torch.set_num_threads(self.settings.torch_threads)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        loop = asyncio.get_running_loop()
+        for name in self.settings.models:
+            self.models[name] = await loop.run_in_executor(self._device_thread, self._load, name)
+            m = self.models[name]
+            self.metrics.model_loaded(name, m.load_seconds, m.warmup_seconds)
+            log.info(
+                "model %s loaded in %.2fs, warm in %.2fs", name, m.load_seconds, m.warmup_seconds
+            )
+        self._scheduler = asyncio.create_task(self._schedule(), name="imdn-scheduler")
+        self.ready = True
+        self.metrics.set_ready(True)
+
+    async def stop(self) -> None:
+        """Stop taking work, fail what is queued, and release the device thread."""
+        self.ready = False
+        self.metrics.set_ready(False)
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scheduler
+        for queue in self._pending.values():
+            for group in queue:
+                if not group.future.done():
+                    group.future.set_exception(NotReady("the service is shutting down"))
+        self._pending.clear()
+        self._device_thread.shutdown(wait=True)
+
+    def _load(self, name: str) -> LoadedModel:
+        started = time.perf_counter()
+        spec = REGISTRY[name]
+        if self.settings.fetch_weights:
+            fetch(spec, self.settings.weights_dir, base_url=self.settings.weights_url)
+        network = load_official(name, Path(self.settings.weights_dir))
+        depth = conv_depth(network)
+        network = network.to(self.device, dtype=self.dtype).eval()
+        loaded = LoadedModel(
+            name=name,
+            network=network,
+            scale=network.scale,
+            size_multiple=network.size_multiple,
+            parameters=sum(p.numel() for p in network.parameters()),
+            depth=depth,
+            dtype=self.dtype,
+            load_seconds=time.perf_counter() - started,
+        )
+        if self.settings.warmup:
+            started = time.perf_counter()
+            side = min(64, math.isqrt(self.settings.tile_max_pixels)) // 4 * 4
+            for batch in (1, 4):
+                self._run_batch(loaded, torch.rand(batch, 3, side, side))
+            loaded.warmup_seconds = time.perf_counter() - started
+        return loaded
+
+    # Requests
+
+    def model_name(self, scale: float) -> str:
+        name = model_for_scale(scale)
+        if name not in self.models:
+            raise ScaleNotServed(
+                f"scale {scale:g} needs model {name!r}, which this server does not load "
+                f"(loaded: {', '.join(self.models) or 'none'})"
+            )
+        return name
+
+    def plan(self, model: LoadedModel, height: int, width: int) -> acs.CropPlan:
+        """Whole image when it fits the budget and the size rule; the paper's ACS for
+        an unaligned image that fits; a tile grid for anything larger."""
+        m = model.size_multiple
+        budget = self.settings.tile_max_pixels
+        if height * width <= budget:
+            if height % m == 0 and width % m == 0:
+                return acs.whole_plan(height, width)
+            return acs.acs_plan(height, width, padding=ACS_PADDING, multiple=m)
+        return acs.grid_plan(
+            height, width, max_crop_pixels=budget, padding=self.settings.tile_padding, multiple=m
+        )
+
+    async def upscale(
+        self, rgb: np.ndarray, scale: float, *, deadline: float | None = None
+    ) -> UpscaleResult:
+        """Super-resolve an H×W×3 float32 image in [0, 1] by `scale`."""
+        if not self.ready:
+            raise NotReady("models are not loaded yet")
+        name = self.model_name(scale)
+        model = self.models[name]
+        if deadline is None:
+            deadline = time.perf_counter() + self.settings.request_timeout_s
+        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0)
+        target = output_size(x.shape[-2], x.shape[-1], scale)
+        if model.scale == 1:  # IMDN_AS restores a bicubic-upscaled image of the target size
+            x = await asyncio.to_thread(_bicubic, x, target)
+        h, w = x.shape[-2:]
+        x = acs.pad_to_multiple(x, model.size_multiple)[0] if min(h, w) < model.size_multiple else x
+        plan = self.plan(model, *x.shape[-2:])
+        crops = acs.extract(x, plan)
+        groups = self._enqueue(name, crops, deadline)
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(g.future for g in groups)),
+                timeout=max(0.0, deadline - time.perf_counter()),
+            )
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the request did not finish within {self.settings.request_timeout_s:g}s"
+            ) from None
+        finally:
+            self._drop(groups)
+        outputs = torch.cat([r[0] for r in results])
+        out = acs.stitch(outputs, plan, scale=model.scale)[
+            0, :, : h * model.scale, : w * model.scale
+        ]
+        return UpscaleResult(
+            image=out.permute(1, 2, 0).numpy(),
+            model=name,
+            crops=len(plan.crops),
+            queue_seconds=max(r[1] for r in results),
+            compute_seconds=sum(r[2] for r in results),
+        )
+
+    def _enqueue(self, model: str, crops: torch.Tensor, deadline: float) -> list[_Group]:
+        n = crops.shape[0]
+        limit = self.settings.max_queue_crops
+        if self._queued_crops + n > limit and self._queued_crops > 0:
+            raise QueueFull(
+                f"the queue holds {self._queued_crops} crops (limit {limit}); retry shortly",
+                retry_after_s=self._retry_after(),
+            )
+        loop = asyncio.get_running_loop()
+        step = self.settings.max_batch_size
+        groups = [
+            _Group(model, crops[i : i + step], deadline, loop.create_future())
+            for i in range(0, n, step)
+        ]
+        for g in groups:
+            self._pending.setdefault(g.key, deque()).append(g)
+        self._queued_crops += n
+        self.metrics.set_queue_depth(self._queued_crops)
+        self._arrived.set()
+        return groups
+
+    def _drop(self, groups: Iterable[_Group]) -> None:
+        """Forget groups of a request that ended (done, timed out or cancelled)."""
+        for g in groups:
+            queue = self._pending.get(g.key)
+            if queue is not None and g in queue:
+                queue.remove(g)
+                self._queued_crops -= g.crops.shape[0]
+            if not g.future.done():
+                g.future.cancel()
+        self.metrics.set_queue_depth(self._queued_crops)
+
+    def _retry_after(self) -> float:
+        per_batch = (
+            sum(self._recent_batch_seconds) / len(self._recent_batch_seconds)
+            if self._recent_batch_seconds
+            else 1.0
+        )
+        batches = self._queued_crops / self.settings.max_batch_size
+        return max(1.0, math.ceil(per_batch * batches))
+
+    @property
+    def queued_crops(self) -> int:
+        return self._queued_crops
+
+    # The scheduler: one batch at a time on the device thread
+
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        max_wait = self.settings.max_batch_wait_ms / 1000
+        while True:
+            key = self._oldest_key()
+            if key is None:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            queue = self._pending[key]
+            waited = time.perf_counter() - queue[0].enqueued
+            queued = sum(g.crops.shape[0] for g in queue)
+            if queued < self.settings.max_batch_size and waited < max_wait:
+                self._arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), max_wait - waited)
+                continue
+            batch = self._take_batch(key)
+            if not batch:
+                continue
+            model = self.models[key[0]]
+            crops = torch.cat([g.crops for g in batch])
+            started = time.perf_counter()
+            try:
+                outputs, compute = await loop.run_in_executor(
+                    self._device_thread, self._run_batch, model, crops
+                )
+            except Exception as exc:  # a failed batch fails its requests, not the scheduler
+                log.exception("batch of %d crops for %s failed", crops.shape[0], model.name)
+                for g in batch:
+                    if not g.future.done():
+                        g.future.set_exception(exc)
+                continue
+            self._recent_batch_seconds.append(compute)
+            offset = 0
+            for g in batch:
+                n = g.crops.shape[0]
+                if not g.future.done():
+                    g.future.set_result(
+                        (outputs[offset : offset + n], started - g.enqueued, compute)
+                    )
+                offset += n
+
+    def _oldest_key(self) -> tuple[str, int, int] | None:
+        live = [(q[0].enqueued, k) for k, q in self._pending.items() if q]
+        return min(live)[1] if live else None
+
+    def _take_batch(self, key: tuple[str, int, int]) -> list[_Group]:
+        """Whole groups, oldest first, up to the batch size; expired ones are failed."""
+        queue = self._pending[key]
+        batch: list[_Group] = []
+        size = 0
+        now = time.perf_counter()
+        while queue and size + queue[0].crops.shape[0] <= self.settings.max_batch_size:
+            g = queue.popleft()
+            self._queued_crops -= g.crops.shape[0]
+            if g.future.done():
+                continue
+            if now > g.deadline:
+                g.future.set_exception(DeadlineExceeded("the request expired in the queue"))
+                continue
+            self.metrics.observe_queue_wait(g.model, now - g.enqueued)
+            batch.append(g)
+            size += g.crops.shape[0]
+        if not queue:
+            del self._pending[key]
+        self.metrics.set_queue_depth(self._queued_crops)
+        return batch
+
+    def _run_batch(self, model: LoadedModel, crops: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Run one batch on the device (device thread only). Returns outputs on the CPU."""
+        reset_peak_memory(self.device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            x = crops.to(self.device, dtype=model.dtype, non_blocking=True)
+            y = model.network(x).clamp_(0, 1).to("cpu", dtype=torch.float32)
+        seconds = time.perf_counter() - started
+        self.metrics.observe_batch(
+            model.name, crops.shape[0], seconds, peak_memory_bytes(self.device), self.device.type
+        )
+        return y, seconds
+
+
+def _bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return imresize_tensor(x, size=size).clamp_(0, 1)

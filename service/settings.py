@@ -1,0 +1,91 @@
+"""Service configuration: one pydantic-settings class, environment prefix `IMDN_`.
+
+Everything is validated when the app is created, so a bad value fails at start
+with a message that says what to do, never on the first request.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.checkpoints import OFFICIAL_BASE_URL, REGISTRY
+
+ModelName = Literal["x2", "x3", "x4", "AS"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMDN_", extra="forbid")
+
+    # Models and device
+    weights_dir: Path = Field(Path("weights"), description="folder with the official .pth files")
+    fetch_weights: bool = Field(
+        False, description="download missing checkpoints from weights_url at start (sha256-checked)"
+    )
+    weights_url: str = OFFICIAL_BASE_URL
+    models: list[ModelName] = Field(default_factory=lambda: list(REGISTRY))  # type: ignore[arg-type]
+    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="'auto': fp32 on the CPU, fp16 on CUDA"
+    )
+    warmup: bool = True
+    torch_threads: int = Field(0, ge=0, description="intra-op threads on the CPU; 0 = PyTorch's")
+
+    # Requests
+    max_scale: float = Field(8.0, gt=1.0)
+    max_upload_bytes: int = Field(50 * 1024 * 1024, gt=0)
+    max_input_pixels: int = Field(4096 * 4096, gt=0)
+    max_output_pixels: int = Field(8192 * 8192, gt=0)
+    request_timeout_s: float = Field(120.0, gt=0)
+
+    # Batching and tiling
+    max_batch_size: int = Field(8, ge=4, description=">= 4: the four ACS crops share a batch")
+    max_batch_wait_ms: float = Field(5.0, ge=0)
+    max_queue_crops: int = Field(256, ge=1, description="crops waiting before 429")
+    tile_max_pixels: int = Field(
+        256 * 256, ge=32 * 32, description="network-input pixels per crop; larger inputs are tiled"
+    )
+    tile_padding: int = Field(16, ge=0, description="context around each tile, a multiple of 4")
+
+    # Output
+    png_compress_level: int = Field(1, ge=0, le=9)
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("models")
+    @classmethod
+    def _models_known_and_unique(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one model must be configured (x2, x3, x4, AS)")
+        return list(dict.fromkeys(v))
+
+    @field_validator("tile_padding")
+    @classmethod
+    def _padding_multiple_of_4(cls, v: int) -> int:
+        if v % 4:
+            raise ValueError(f"tile_padding must be a multiple of 4 (the paper's p = 4k), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _weights_present(self) -> Settings:
+        if self.fetch_weights:
+            return self
+        missing = [
+            REGISTRY[name].filename
+            for name in self.models
+            if not (self.weights_dir / REGISTRY[name].filename).is_file()
+        ]
+        if missing:
+            raise ValueError(
+                f"checkpoints {', '.join(missing)} not found in {self.weights_dir.resolve()}: "
+                f"run `imdn fetch-weights --dir {self.weights_dir}`, point IMDN_WEIGHTS_DIR at "
+                "a folder that has them, or set IMDN_FETCH_WEIGHTS=true to download at start"
+            )
+        return self
