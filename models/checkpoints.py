@@ -123,14 +123,20 @@ def _read_state_dict(data: bytes, source: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        reason = _unpickler_reason(exc)
+        if "global" not in reason.lower():  # bad opcodes: not a pickle at all
+            raise CheckpointError(
+                f"{source}: not a readable PyTorch checkpoint (truncated or corrupt?): {reason}"
+            ) from exc
         raise CheckpointError(
             f"{source}: refused to load: the file asks for objects other than tensors "
-            f"(a pickle with arbitrary classes is never loaded): {str(exc).splitlines()[0]}"
+            f"(a pickle with arbitrary classes is never loaded): {reason}"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    # Arbitrary bytes can make the unpickler fail in any way (a text file: KeyError).
+    except Exception as exc:
         raise CheckpointError(
             f"{source}: not a readable PyTorch checkpoint (truncated or corrupt?): "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            f"{type(exc).__name__}{': ' + str(exc).splitlines()[0] if str(exc) else ''}"
         ) from exc
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
@@ -140,6 +146,15 @@ def _read_state_dict(data: bytes, source: str) -> dict[str, torch.Tensor]:
     if bad:
         raise CheckpointError(f"{source}: not a state dict of tensors (bad entries: {bad[:3]})")
     return {canonical_key(k): v for k, v in obj.items()}
+
+
+def _unpickler_reason(exc: pickle.UnpicklingError) -> str:
+    """The line of torch's weights-only error that names the cause, without its boilerplate
+    (which suggests `weights_only=False`, the very thing this loader never does)."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(boilerplate)]
+    return (useful or lines or [type(exc).__name__])[0]
 
 
 def infer_architecture(
