@@ -1,0 +1,705 @@
+"""Decode uploaded images into colour planes for the network, and encode its output as PNG.
+
+Plain Python, Pillow and numpy; the HTTP layer maps the `ImageError` subclasses below to
+their `status` with a JSON problem body, and counts them by `reason`.
+
+Policy (what a client can rely on):
+
+* **Formats.** PNG, JPEG, WebP, BMP and TIFF. The format is always taken from the bytes
+  (magic numbers), never from the content type alone:
+
+  - a missing content type, an empty one or ``application/octet-stream``: the bytes decide;
+  - a content type outside the allow-list (``image/gif``, ``text/plain``, ...): 415, whatever
+    the bytes are;
+  - an allowed content type over bytes of *another allowed* format (a PNG sent as
+    ``image/jpeg``): accepted and decoded as what the bytes are. Mislabelled files are common
+    and the label changes nothing we do;
+  - bytes of a known format outside the allow-list (GIF, AVIF/HEIF, JPEG 2000, ...): 415,
+    whatever the content type says;
+  - bytes that are no image we recognise (a text file sent as ``image/png``): 400
+    ``undecodable``: the type is fine, the body is not an instance of it.
+
+  Accepted aliases: ``image/jpg``, ``image/pjpeg``, ``image/x-png``, ``image/x-ms-bmp``.
+* **GIF** is refused with 415 ``unsupported_type`` (still or animated).
+* **Animations** (an animated WebP or APNG with more than one frame) are refused with 415
+  ``animated``: their frames are equals, and quietly upscaling only the first would hand back
+  something other than what was sent. A JPEG's extra MPO images (stereo pairs, depth maps)
+  and a TIFF's later pages (thumbnails, further scanned pages) are not animations: the first
+  image is the primary one and is the one used.
+* **Size.** The pixel count is read from the header and checked against ``max_pixels``
+  before any pixel is decoded (413 ``too_many_pixels``). Pillow's own guard,
+  ``PIL.Image.MAX_IMAGE_PIXELS``, is honoured too: above it (warning range) or above twice it
+  (Pillow's ``DecompressionBombError``) the image is refused with 413
+  ``decompression_bomb``. So the effective limit is the smaller of the two; raise
+  ``MAX_IMAGE_PIXELS`` at start-up if ``max_pixels`` is meant to exceed it. Pillow still
+  emits its ``DecompressionBombWarning`` in the warning range: the process-wide warning
+  filters are not touched, as decoding runs in worker threads.
+* **Damage.** Empty (400 ``empty``), truncated or corrupt data (400 ``undecodable``) never
+  yield a partly grey image: Pillow's ``LOAD_TRUNCATED_IMAGES`` must stay False (decoding
+  refuses to run if something set it) and every image is fully loaded inside the guard.
+* **Orientation.** EXIF orientation (JPEG, PNG eXIf, WebP, TIFF) is applied, so the planes
+  are upright; no EXIF is carried to the output, the tag included. Unparsable EXIF is
+  ignored, as browsers do.
+* **Colour.** Greyscale (1-bit, L, LA, 16-bit grey) is flagged ``grey`` and its plane is
+  replicated to three for the network; `compose` turns the output back into grey. Palette
+  images become RGB, or RGBA when they carry transparency; a PNG/TIFF colour key (tRNS)
+  becomes an alpha plane. CMYK (JPEG) is converted to RGB through its embedded ICC profile
+  when it has one (the output is then sRGB and carries no profile), naively otherwise. Other
+  ICC profiles are carried over when their colour space matches the output (RGB for colour,
+  GRAY for grey), and dropped otherwise. Lab, float and other exotic modes: 415
+  ``unsupported_mode``.
+* **Depth.** 16-bit PNG (grey, grey+alpha, RGB, RGBA) and 16-bit grey or RGB(A) TIFF are
+  decoded losslessly and give 16-bit output. Pillow holds 16-bit colour only as 8-bit
+  planes, so for those the image is read twice, once keeping the high byte of each sample
+  and once the low byte (a rawmode swap in Pillow's decoder), and the two are joined. Other
+  16-bit layouts Pillow does not expose (e.g. 16-bit grey+alpha TIFF) come out at 8 bits,
+  reported as ``bits == 8``.
+* **Output.** `compose` quantises to the input's depth (round half up, clip) and resizes
+  alpha separately (bicubic, clipped); `encode_png` streams the PNG in chunks, keeping
+  16-bit depth and attaching the ICC profile. PNG row filter: Up (one numpy subtraction;
+  measured best size for the time at low zlib levels), None at level 0.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import sys
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from typing import ClassVar
+
+import numpy as np
+from PIL import ExifTags, Image, ImageCms, ImageFile, UnidentifiedImageError
+
+__all__ = [
+    "ALLOWED_CONTENT_TYPES",
+    "ALLOWED_FORMATS",
+    "REASONS",
+    "DecodedImage",
+    "ImageError",
+    "ImageTooLarge",
+    "UndecodableImage",
+    "UnsupportedImageType",
+    "check_output_pixels",
+    "compose",
+    "decode",
+    "encode_png",
+    "output_size",
+    "sniff_format",
+]
+
+# --------------------------------------------------------------------------- errors
+
+REASONS = (
+    "empty",
+    "undecodable",
+    "unsupported_type",
+    "animated",
+    "unsupported_mode",
+    "too_many_pixels",
+    "decompression_bomb",
+    "output_too_large",
+)
+"""Every `ImageError.reason`, for metrics that pre-register their labels."""
+
+
+class ImageError(Exception):
+    """A client's image we will not process; `status` is the HTTP status to answer with."""
+
+    status: ClassVar[int] = 400
+    default_reason: ClassVar[str] = "undecodable"
+
+    def __init__(self, detail: str, *, reason: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.reason = reason or self.default_reason
+        if self.reason not in REASONS:
+            raise ValueError(f"unknown reason {self.reason!r}; add it to REASONS")
+
+
+class UndecodableImage(ImageError):
+    """400: empty, truncated, corrupt, or not an image at all."""
+
+    status = 400
+    default_reason = "undecodable"
+
+
+class UnsupportedImageType(ImageError):
+    """415: a content type, format, animation or pixel mode we do not accept."""
+
+    status = 415
+    default_reason = "unsupported_type"
+
+
+class ImageTooLarge(ImageError):
+    """413: too many pixels in the input (from its header) or in the requested output."""
+
+    status = 413
+    default_reason = "too_many_pixels"
+
+
+# --------------------------------------------------------------------------- formats
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")
+"""Pillow format names we decode."""
+
+ALLOWED_CONTENT_TYPES = {
+    "image/png": "PNG",
+    "image/jpeg": "JPEG",
+    "image/webp": "WEBP",
+    "image/bmp": "BMP",
+    "image/tiff": "TIFF",
+}
+_CONTENT_TYPE_ALIASES = {
+    "image/jpg": "JPEG",
+    "image/pjpeg": "JPEG",
+    "image/x-png": "PNG",
+    "image/x-ms-bmp": "BMP",
+}
+_SNIFF_FROM_BYTES = ("", "application/octet-stream")
+
+
+def _media_type(content_type: str | None) -> str:
+    """'Image/PNG; charset=binary' -> 'image/png'."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format named by the bytes' signature: an allowed Pillow name, another known
+    format's name (refused), or None when the bytes carry no signature we know."""
+    head = data[:32]
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "TIFF"
+    if head.startswith(b"BM"):
+        return "BMP"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head[4:8] == b"ftyp":
+        return "AVIF/HEIF"
+    if head.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")):
+        return "JPEG 2000"
+    if head.startswith((b"\x00\x00\x00\x0cJXL \r\n\x87\n", b"\xff\x0a")):
+        return "JPEG XL"
+    if head[:4] in (b"\x00\x00\x01\x00", b"\x00\x00\x02\x00"):
+        return "ICO"
+    for magic, name in ((b"8BPS", "PSD"), (b"%PDF", "PDF"), (b"qoif", "QOI"), (b"DDS ", "DDS")):
+        if head.startswith(magic):
+            return name
+    return None
+
+
+def _resolve_format(data: bytes, content_type: str | None) -> str:
+    declared = _media_type(content_type)
+    if declared not in _SNIFF_FROM_BYTES and (
+        declared not in ALLOWED_CONTENT_TYPES and declared not in _CONTENT_TYPE_ALIASES
+    ):
+        raise UnsupportedImageType(
+            f"content type {declared!r} is not accepted; "
+            f"send one of {', '.join(ALLOWED_CONTENT_TYPES)}"
+        )
+    found = sniff_format(data)
+    if found in ALLOWED_FORMATS:
+        return found
+    if found is not None:
+        raise UnsupportedImageType(
+            f"{found} images are not accepted; send one of {', '.join(ALLOWED_FORMATS)}"
+        )
+    said = f" (sent as {declared})" if declared not in _SNIFF_FROM_BYTES else ""
+    raise UndecodableImage(f"the body is not a PNG, JPEG, WebP, BMP or TIFF image{said}")
+
+
+# --------------------------------------------------------------------------- decode
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedImage:
+    """An upright input image as the network and `compose` need it."""
+
+    rgb: np.ndarray
+    """float32 HxWx3 in [0, 1]; a grey image's plane replicated three times."""
+    alpha: np.ndarray | None
+    """float32 HxW in [0, 1], or None when the input has no transparency."""
+    grey: bool
+    bits: int
+    """8 or 16: the depth of the output `compose` builds."""
+    icc_profile: bytes | None
+    """To attach to the output; only kept when it matches the output's colour space."""
+    format: str
+    """The input's format: one of `ALLOWED_FORMATS`."""
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[1])
+
+
+# Pillow's decode errors: open() wraps most into UnidentifiedImageError (an OSError); load()
+# raises OSError ("image file is truncated", "broken data stream"), SyntaxError, ValueError,
+# EOFError, struct.error or zlib.error from the plugins.
+_PILLOW_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
+
+
+@contextmanager
+def _pillow_errors(fmt: str) -> Iterator[None]:
+    """Turn what Pillow raises on hostile or broken input into our 400 / 413 errors."""
+    try:
+        yield
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(str(e), reason="decompression_bomb") from e
+    except UnidentifiedImageError as e:
+        raise UndecodableImage(f"not a readable {fmt} image") from e
+    except (*_PILLOW_DECODE_ERRORS, zlib.error) as e:
+        raise UndecodableImage(f"cannot decode the {fmt} image: {e}") from e
+
+
+def _open(data: bytes, fmt: str) -> ImageFile.ImageFile:
+    return Image.open(io.BytesIO(data), formats=[fmt])
+
+
+def _webp_canvas_size(data: bytes) -> tuple[int, int]:
+    """Width and height from a WebP's first chunk (VP8, VP8L or VP8X), without decoding.
+
+    Needed before `Image.open`: Pillow's WebP plugin creates libwebp's decoder, which
+    allocates the whole canvas, while opening.
+    """
+    kind = data[12:16]
+    if kind == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        width, height = struct.unpack_from("<HH", data, 26)
+        return width & 0x3FFF, height & 0x3FFF
+    if kind == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if kind == b"VP8X" and len(data) >= 30:
+        width = int.from_bytes(data[24:27], "little") + 1
+        return width, int.from_bytes(data[27:30], "little") + 1
+    raise UndecodableImage("the WebP header carries no image size")
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise UndecodableImage(f"the image header declares an empty size {width}x{height}")
+    pixels = width * height
+    if pixels > max_pixels:
+        raise ImageTooLarge(
+            f"the image is {width}x{height} = {pixels} pixels; the limit is {max_pixels}",
+            reason="too_many_pixels",
+        )
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    if pillow_limit is not None and pixels > pillow_limit:
+        raise ImageTooLarge(
+            f"the image is {width}x{height} = {pixels} pixels, over Pillow's "
+            f"decompression-bomb limit of {pillow_limit}",
+            reason="decompression_bomb",
+        )
+
+
+def _check_single_frame(im: ImageFile.ImageFile, fmt: str) -> None:
+    frames = int(getattr(im, "n_frames", 1))
+    if frames > 1 and fmt in ("PNG", "WEBP"):
+        raise UnsupportedImageType(
+            f"animated {fmt} images ({frames} frames) are not accepted; send one frame",
+            reason="animated",
+        )
+
+
+# Rawmodes of 16-bit colour samples that Pillow narrows to 8 bits, and the rawmode that
+# reads the *other* byte of each sample (the low one) through the same decoder.
+_NATIVE = "L" if sys.byteorder == "little" else "B"
+_LOW_BYTE_RAWMODE = {
+    f"{m};16{e}": f"{m};16{other}"
+    for m in ("RGB", "RGBA")
+    for e, other in (("B", "L"), ("L", "B"), ("N", "B" if _NATIVE == "L" else "L"))
+}
+
+
+def _tile_rawmode(tile: ImageFile._Tile) -> str | None:
+    args = tile.args
+    if isinstance(args, str):
+        return args
+    if isinstance(args, tuple) and args and isinstance(args[0], str):
+        return args[0]
+    return None
+
+
+def _with_rawmode(tile: ImageFile._Tile, rawmode: str) -> ImageFile._Tile:
+    args = tile.args
+    if isinstance(args, tuple):
+        return tile._replace(args=(rawmode, *args[1:]))
+    return tile._replace(args=rawmode)
+
+
+def _load_with_rawmode(im: ImageFile.ImageFile, rawmode: str) -> np.ndarray:
+    im.tile = [_with_rawmode(t, rawmode) for t in im.tile]
+    im.load()
+    return np.asarray(im)
+
+
+@dataclass
+class _Planes:
+    """Integer planes straight from the file: colour HxWx(1|3), alpha HxW or None."""
+
+    colour: np.ndarray
+    alpha: np.ndarray | None
+    bits: int
+
+
+def _read_wide_colour(im: ImageFile.ImageFile, data: bytes, fmt: str) -> _Planes | None:
+    """16-bit colour PNG/TIFF, read losslessly, loading `im`; None (and `im` untouched)
+    when it is not such an image."""
+    rawmodes = {_tile_rawmode(t) for t in im.tile}
+    if len(rawmodes) != 1:
+        return None
+    (rawmode,) = rawmodes
+    if rawmode == "LA;16B" and im.mode == "RGBA":
+        # 16-bit grey+alpha PNG: Pillow widens it to RGBA; read the raw 4 bytes per pixel.
+        raw = _load_with_rawmode(im, "RGBA").astype(np.uint16)
+        words = (raw[..., 0::2] << 8) | raw[..., 1::2]
+        return _Planes(np.ascontiguousarray(words[..., :1]), words[..., 1].copy(), 16)
+    if rawmode is None or rawmode not in _LOW_BYTE_RAWMODE:
+        return None
+    high = _load_with_rawmode(im, rawmode).astype(np.uint16)
+    with _open(data, fmt) as again:
+        low = _load_with_rawmode(again, _LOW_BYTE_RAWMODE[rawmode])
+    words = (high << 8) | low
+    alpha = words[..., 3].copy() if im.mode == "RGBA" else None
+    return _Planes(np.ascontiguousarray(words[..., :3]), alpha, 16)
+
+
+def _colour_key_alpha(im: Image.Image, colour: np.ndarray) -> np.ndarray | None:
+    """A tRNS colour key (PNG/TIFF 'transparency' of an L, I;16 or RGB image) as alpha."""
+    key = im.info.get("transparency")
+    if key is None or isinstance(key, bytes):
+        return None
+    key_values = np.asarray(key if isinstance(key, tuple) else (key,), dtype=np.int64)
+    top = np.iinfo(colour.dtype).max
+    if key_values.size != colour.shape[2] or key_values.min() < 0 or key_values.max() > top:
+        return None
+    transparent = np.all(colour == key_values.astype(colour.dtype), axis=2)
+    return np.where(transparent, 0, top).astype(colour.dtype)
+
+
+def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
+    profile = im.info.get("icc_profile")
+    if profile:
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+            converted = ImageCms.profileToProfile(
+                im, source, ImageCms.createProfile("sRGB"), outputMode="RGB"
+            )
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            converted = None  # an unusable profile: fall back to Pillow's plain formula
+        if converted is not None:
+            return converted
+    return im.convert("RGB")
+
+
+def _read_planes(im: ImageFile.ImageFile) -> _Planes:
+    """8-bit planes (or 16-bit grey) of a loaded image, whatever Pillow's mode."""
+    mode = im.mode
+    img: Image.Image = im
+    if mode == "1":
+        img = im.convert("L")
+    elif mode == "P":
+        img = im.convert("RGBA" if im.has_transparency_data else "RGB")
+    elif mode in ("PA", "RGBa"):
+        img = im.convert("RGBA")
+    elif mode == "La":
+        img = im.convert("LA")
+    elif mode in ("RGBX", "YCbCr"):
+        img = im.convert("RGB")
+    elif mode == "CMYK":
+        img = _cmyk_to_rgb(im)
+    mode = img.mode
+
+    if mode in ("L", "RGB"):
+        colour = np.asarray(img).reshape(img.height, img.width, -1)
+        return _Planes(colour, _colour_key_alpha(img, colour), 8)
+    if mode in ("LA", "RGBA"):
+        arr = np.asarray(img)
+        return _Planes(np.ascontiguousarray(arr[..., :-1]), arr[..., -1].copy(), 8)
+    if mode.startswith("I;16"):
+        colour = np.asarray(img).astype(np.uint16).reshape(img.height, img.width, 1)
+        return _Planes(colour, _colour_key_alpha(img, colour), 16)
+    if mode == "I":
+        values = np.asarray(img)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise UnsupportedImageType(
+                "32-bit integer samples outside 0..65535 are not supported",
+                reason="unsupported_mode",
+            )
+        colour = values.astype(np.uint16).reshape(img.height, img.width, 1)
+        return _Planes(colour, _colour_key_alpha(img, colour), 16)
+    raise UnsupportedImageType(
+        f"pixel mode {mode!r} is not supported; send RGB, RGBA, grey or CMYK",
+        reason="unsupported_mode",
+    )
+
+
+def _exif_orientation(im: Image.Image) -> int:
+    try:
+        value = im.getexif().get(ExifTags.Base.Orientation, 1)
+    except (*_PILLOW_DECODE_ERRORS, KeyError, TypeError):
+        return 1  # unparsable EXIF: ignored, as browsers do
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply EXIF orientation 1..8 to an HxW(xC) array (as Pillow's exif_transpose does)."""
+    if orientation == 2:
+        return arr[:, ::-1]
+    if orientation == 3:
+        return arr[::-1, ::-1]
+    if orientation == 4:
+        return arr[::-1]
+    if orientation == 5:
+        return arr.swapaxes(0, 1)
+    if orientation == 6:
+        return np.rot90(arr, -1)
+    if orientation == 7:
+        return arr[::-1, ::-1].swapaxes(0, 1)
+    if orientation == 8:
+        return np.rot90(arr, 1)
+    return arr
+
+
+def _icc_for_output(profile: object, grey: bool) -> bytes | None:
+    """Keep an ICC profile only if its colour space (header bytes 16..20) fits the output."""
+    if not isinstance(profile, bytes) or len(profile) < 128:
+        return None
+    return profile if profile[16:20] == (b"GRAY" if grey else b"RGB ") else None
+
+
+def _unit_float(arr: np.ndarray, bits: int) -> np.ndarray:
+    # divide (not multiply by the reciprocal): bit-identical to the evaluation's `x / 255`
+    scaled = arr.astype(np.float32, order="C")
+    scaled /= np.float32(65535.0 if bits == 16 else 255.0)
+    return scaled
+
+
+def decode(data: bytes, content_type: str | None, *, max_pixels: int) -> DecodedImage:
+    """Decode an uploaded image, refusing what we do not accept (see the module docstring).
+
+    Raises `UndecodableImage` (400), `UnsupportedImageType` (415) or `ImageTooLarge` (413).
+    The pixel limit is checked from the header, before any pixel is decoded.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated uploads would decode "
+            "as partly grey images; something in this process set it, unset it"
+        )
+    if not data:
+        raise UndecodableImage("the request body is empty", reason="empty")
+    fmt = _resolve_format(data, content_type)
+    if fmt == "WEBP":
+        _check_pixels(_webp_canvas_size(data), max_pixels)
+
+    with _pillow_errors(fmt):
+        im = _open(data, fmt)
+    with im:
+        _check_pixels(im.size, max_pixels)
+        _check_single_frame(im, fmt)
+        with _pillow_errors(fmt):
+            planes = _read_wide_colour(im, data, fmt)
+            if planes is None:
+                im.load()
+                planes = _read_planes(im)
+            orientation = _exif_orientation(im)
+        source_profile = im.info.get("icc_profile")
+        converted_cmyk = im.mode == "CMYK"
+
+    grey = planes.colour.shape[2] == 1
+    colour = _orient(planes.colour, orientation)
+    alpha = None if planes.alpha is None else _orient(planes.alpha, orientation)
+    unit = _unit_float(colour, planes.bits)
+    rgb = np.repeat(unit, 3, axis=2) if grey else unit
+    return DecodedImage(
+        rgb=rgb,
+        alpha=None if alpha is None else _unit_float(alpha, planes.bits),
+        grey=grey,
+        bits=planes.bits,
+        icc_profile=None if converted_cmyk else _icc_for_output(source_profile, grey),
+        format=fmt,
+    )
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def output_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """(round(s·H), round(s·W)) with halves rounded up, the scale read as the decimal the
+    client wrote: 2.3 x 25 = 57.5 → 58 (float arithmetic would give 57.49999… → 57)."""
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    s = Decimal(repr(float(scale)))
+    if not s.is_finite() or s <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    out_h, out_w = (int((s * n).to_integral_value(rounding=ROUND_HALF_UP)) for n in (height, width))
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"scale {scale} makes {height}x{width} empty")
+    return out_h, out_w
+
+
+def check_output_pixels(height: int, width: int, max_output_pixels: int) -> None:
+    """Refuse (413 ``output_too_large``) an output over the pixel budget, before any work."""
+    if height * width > max_output_pixels:
+        raise ImageTooLarge(
+            f"the output would be {width}x{height} = {height * width} pixels; "
+            f"the limit is {max_output_pixels}",
+            reason="output_too_large",
+        )
+
+
+# --------------------------------------------------------------------------- compose
+
+
+def _quantise(unit: np.ndarray, bits: int) -> np.ndarray:
+    """[0, 1] floats to uint8/uint16: rounded as the evaluation rounds (`np.round` of
+    x * 255; adding 0.5 in float32 would carry x.4999… up), then clipped."""
+    top = 65535.0 if bits == 16 else 255.0
+    scaled = unit * np.float32(top)
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, 0.0, top, out=scaled)
+    return scaled.astype(np.uint16 if bits == 16 else np.uint8)
+
+
+def _resize_alpha(alpha: np.ndarray, height: int, width: int) -> np.ndarray:
+    if alpha.shape == (height, width):
+        return alpha
+    plane = Image.fromarray(np.ascontiguousarray(alpha, dtype=np.float32))
+    resized = np.asarray(plane.resize((width, height), Image.Resampling.BICUBIC), np.float32)
+    clipped: np.ndarray = np.clip(resized, 0.0, 1.0)
+    return clipped
+
+
+def compose(decoded: DecodedImage, rgb_out: np.ndarray) -> np.ndarray:
+    """The output pixels at `rgb_out`'s size, in the input's kind and depth.
+
+    `rgb_out` is the network's H'xW'x3 float output in [0, 1]. Returns uint8 or uint16
+    (`decoded.bits`), H'xW'xC with C = 1 grey, 2 grey + alpha, 3 RGB, 4 RGBA: grey inputs
+    come back grey (BT.601 luma of the three planes), alpha is resized on its own
+    (bicubic, clipped) and re-attached.
+    """
+    if rgb_out.ndim != 3 or rgb_out.shape[2] != 3 or rgb_out.dtype.kind != "f":
+        raise ValueError(f"rgb_out must be float HxWx3, got {rgb_out.dtype} {rgb_out.shape}")
+    if not np.isfinite(np.sum(rgb_out, dtype=np.float64)):
+        raise ValueError("rgb_out holds NaN or infinite values")
+    height, width = int(rgb_out.shape[0]), int(rgb_out.shape[1])
+    rgb = rgb_out.astype(np.float32, copy=False)
+    if decoded.grey:
+        luma = rgb[..., 0] * np.float32(0.299)
+        luma += rgb[..., 1] * np.float32(0.587)
+        luma += rgb[..., 2] * np.float32(0.114)
+        colour = _quantise(luma, decoded.bits)[..., None]
+    else:
+        colour = _quantise(rgb, decoded.bits)
+    if decoded.alpha is None:
+        return colour
+    alpha = _quantise(_resize_alpha(decoded.alpha, height, width), decoded.bits)
+    return np.concatenate([colour, alpha[..., None]], axis=2)
+
+
+# --------------------------------------------------------------------------- encode
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_COLOUR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> PNG colour type
+_FILTER_NONE, _FILTER_UP = 0, 2
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    crc = zlib.crc32(payload, zlib.crc32(kind))
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+def _pixel_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    """HxWxC uint8/uint16 from `compose`'s output or a Pillow image."""
+    if isinstance(image, Image.Image):
+        if image.mode.startswith("I;16"):
+            arr = np.asarray(image).astype(np.uint16)
+        elif image.mode in ("L", "LA", "RGB", "RGBA"):
+            arr = np.asarray(image)
+        else:
+            raise ValueError(f"cannot write a PNG from Pillow mode {image.mode!r}")
+    else:
+        arr = image
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in _COLOUR_TYPE or arr.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"expected uint8/uint16 HxWx(1..4) pixels, got {arr.dtype} {arr.shape}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"cannot write an empty {arr.shape[0]}x{arr.shape[1]} PNG")
+    return arr
+
+
+def encode_png(
+    image: Image.Image | np.ndarray,
+    *,
+    icc_profile: bytes | None = None,
+    compress_level: int = 1,
+    chunk_bytes: int = 1 << 16,
+) -> Iterator[bytes]:
+    """PNG bytes in pieces, for a streamed response: the header first, then IDAT chunks of
+    about `chunk_bytes` as the rows are compressed, then IEND.
+
+    Keeps 16-bit depth; writes `icc_profile` as an iCCP chunk. `compress_level` is zlib's
+    0..9: 0 stores rows unfiltered; above it rows get PNG's Up filter. The arguments are
+    checked now; the work happens as the iterator is consumed.
+    """
+    if not 0 <= compress_level <= 9:
+        raise ValueError(f"compress_level must be 0..9, got {compress_level}")
+    pixels = _pixel_array(image)
+    return _png_stream(pixels, icc_profile, compress_level, max(1, chunk_bytes))
+
+
+def _png_stream(
+    pixels: np.ndarray, icc_profile: bytes | None, level: int, chunk_bytes: int
+) -> Iterator[bytes]:
+    height, width, channels = pixels.shape
+    depth = 16 if pixels.dtype == np.uint16 else 8
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, _COLOUR_TYPE[channels], 0, 0, 0)
+    head = _PNG_SIGNATURE + _png_chunk(b"IHDR", ihdr)
+    if icc_profile:
+        head += _png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc_profile))
+    yield head
+
+    rows = pixels.astype(">u2", copy=False) if depth == 16 else pixels
+    flat = np.ascontiguousarray(rows).view(np.uint8).reshape(height, -1)
+    row_bytes = flat.shape[1]
+    band_rows = max(1, chunk_bytes // row_bytes)
+    compressor = zlib.compressobj(level)
+    pending = bytearray()
+    previous = np.zeros(row_bytes, np.uint8)
+    for top in range(0, height, band_rows):
+        band = flat[top : top + band_rows]
+        filtered = np.empty((band.shape[0], row_bytes + 1), np.uint8)
+        if level == 0:
+            filtered[:, 0] = _FILTER_NONE
+            filtered[:, 1:] = band
+        else:  # Up: each byte minus the one above it, modulo 256
+            filtered[:, 0] = _FILTER_UP
+            np.subtract(band[0], previous, out=filtered[0, 1:])
+            np.subtract(band[1:], band[:-1], out=filtered[1:, 1:])
+        previous = band[-1]
+        pending += compressor.compress(filtered.data)
+        while len(pending) >= chunk_bytes:
+            yield _png_chunk(b"IDAT", bytes(pending[:chunk_bytes]))
+            del pending[:chunk_bytes]
+    pending += compressor.flush()
+    tail = b"".join(
+        _png_chunk(b"IDAT", bytes(pending[i : i + chunk_bytes]))
+        for i in range(0, len(pending), chunk_bytes)
+    )
+    yield tail + _png_chunk(b"IEND", b"")
