@@ -157,13 +157,13 @@ def _plan(
 
 
 def imresize(
-    img: Array,
+    img: npt.NDArray[ScalarT],
     *,
     scale: float | None = None,
     size: tuple[int, int] | None = None,
     antialias: bool = True,
     round_each_pass: bool = True,
-) -> Array:
+) -> npt.NDArray[ScalarT]:
     """MATLAB `imresize(img, scale | [h w], 'bicubic')` for an HxW or HxWxC array.
 
     uint8 in: computed in float64, rounded (half away from zero) and saturated
