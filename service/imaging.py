@@ -54,7 +54,7 @@ Policy (what a client can rely on):
   and once the low byte (a rawmode swap in Pillow's decoder), and the two are joined. Other
   16-bit layouts Pillow does not expose (e.g. 16-bit grey+alpha TIFF) come out at 8 bits,
   reported as ``bits == 8``.
-* **Output.** `compose` quantises to the input's depth (round half up, clip) and resizes
+* **Output.** `compose` quantises to the input's depth (round to nearest, clip) and resizes
   alpha separately (bicubic, clipped); `encode_png` streams the PNG in chunks, keeping
   16-bit depth and attaching the ICC profile. PNG row filter: Up (one numpy subtraction;
   measured best size for the time at low zlib levels), None at level 0.
@@ -375,8 +375,9 @@ def _read_wide_colour(im: ImageFile.ImageFile, data: bytes, fmt: str) -> _Planes
     with _open(data, fmt) as again:
         low = _load_with_rawmode(again, _LOW_BYTE_RAWMODE[rawmode])
     words = (high << 8) | low
-    alpha = words[..., 3].copy() if im.mode == "RGBA" else None
-    return _Planes(np.ascontiguousarray(words[..., :3]), alpha, 16)
+    colour = np.ascontiguousarray(words[..., :3])
+    alpha = words[..., 3].copy() if im.mode == "RGBA" else _colour_key_alpha(im, colour)
+    return _Planes(colour, alpha, 16)
 
 
 def _colour_key_alpha(im: Image.Image, colour: np.ndarray) -> np.ndarray | None:

@@ -57,7 +57,9 @@ _ADAM7 = [(0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), 
 _ADAM7.append((1, 0, 2, 1))
 
 
-def _png_by_hand(pixels: np.ndarray, colour_type: int, *, interlace: bool = False) -> bytes:
+def _png_by_hand(
+    pixels: np.ndarray, colour_type: int, *, interlace: bool = False, trns: bytes = b""
+) -> bytes:
     """A PNG written without Pillow (which cannot write 16-bit colour): filter 0 rows."""
     height, width = pixels.shape[:2]
     depth = 16 if pixels.dtype == np.uint16 else 8
@@ -70,6 +72,7 @@ def _png_by_hand(pixels: np.ndarray, colour_type: int, *, interlace: bool = Fals
     return (
         b"\x89PNG\r\n\x1a\n"
         + _png_chunk(b"IHDR", ihdr)
+        + (_png_chunk(b"tRNS", trns) if trns else b"")
         + _png_chunk(b"IDAT", zlib.compress(raw))
         + _png_chunk(b"IEND", b"")
     )
@@ -544,6 +547,18 @@ def test_16bit_png_is_lossless(colour_type: int, channels: int, interlace: bool)
             np.testing.assert_array_equal(pillow_values, (words >> 8).astype(np.uint8))
 
 
+def test_16bit_rgb_png_colour_key_becomes_alpha() -> None:
+    words = _words((6, 10, 3))
+    key = np.array([1000, 2000, 65000], np.uint16)
+    words[::2, ::3] = key
+    data = _png_by_hand(words, 2, trns=key.astype(">u2").tobytes())
+    decoded = decode(data, "image/png", max_pixels=LIMIT)
+    assert decoded.bits == 16 and decoded.alpha is not None
+    expected = np.where(np.all(words == key, axis=2), 0, 65535)
+    np.testing.assert_array_equal(_as_ints(decoded.alpha, 16), expected)
+    assert compose(decoded, decoded.rgb).shape == (6, 10, 4)
+
+
 @pytest.mark.parametrize("big_endian", [False, True])
 @pytest.mark.parametrize("deflate", [False, True])
 @pytest.mark.parametrize("channels", [3, 4])
@@ -617,12 +632,11 @@ def test_float_tiff_is_415_unsupported_mode() -> None:
 # --------------------------------------------------------------------------- compose, encode
 
 
-def test_compose_quantises_round_half_up_and_clips() -> None:
-    decoded = decode(_save(Image.new("RGB", (4, 1)), "PNG"), None, max_pixels=LIMIT)
-    rgb_out = np.array(
-        [[[-0.5] * 3, [1.7] * 3, [0.5 / 255 + 1e-6] * 3, [100 / 255] * 3]], np.float32
-    )
-    np.testing.assert_array_equal(compose(decoded, rgb_out)[0, :, 0], [0, 255, 1, 100])
+def test_compose_rounds_to_nearest_and_clips() -> None:
+    decoded = decode(_save(Image.new("RGB", (6, 1)), "PNG"), None, max_pixels=LIMIT)
+    values = [-0.5, 1.7, 0.5 / 255 + 1e-6, 100 / 255, 100.49 / 255, 100.51 / 255]
+    rgb_out = np.array([[[v] * 3 for v in values]], np.float32)
+    np.testing.assert_array_equal(compose(decoded, rgb_out)[0, :, 0], [0, 255, 1, 100, 100, 101])
     with pytest.raises(ValueError, match="NaN"):
         compose(decoded, np.full((1, 4, 3), np.nan, np.float32))
     with pytest.raises(ValueError, match="float"):
