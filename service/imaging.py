@@ -308,8 +308,10 @@ def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
 
 
 def _check_single_frame(im: ImageFile.ImageFile, fmt: str) -> None:
-    frames = int(getattr(im, "n_frames", 1))
-    if frames > 1 and fmt in ("PNG", "WEBP"):
+    if fmt not in ("PNG", "WEBP"):
+        return  # JPEG (MPO) and TIFF: the first image is used; no need to walk the rest
+    frames = int(getattr(im, "n_frames", 1))  # from APNG's acTL / libwebp's header
+    if frames > 1:
         raise UnsupportedImageType(
             f"animated {fmt} images ({frames} frames) are not accepted; send one frame",
             reason="animated",

@@ -658,6 +658,22 @@ def test_encode_png_streams_in_chunks() -> None:
         encode_png(pixels.astype(np.float32))
 
 
+def test_encode_png_takes_pillow_images() -> None:
+    words = _words((5, 7))
+    images = [
+        Image.fromarray(_rgb()),
+        Image.fromarray(np.concatenate([_rgb(), _alpha_ramp()[..., None]], -1)),
+        Image.fromarray(_rgb()[..., 0]),
+        Image.fromarray(words),
+    ]
+    for im in images:
+        with Image.open(io.BytesIO(b"".join(encode_png(im)))) as png:
+            assert png.mode == im.mode
+            np.testing.assert_array_equal(np.asarray(png), np.asarray(im))
+    with pytest.raises(ValueError, match="CMYK"):
+        encode_png(Image.new("CMYK", (2, 2)))
+
+
 # --------------------------------------------------------------------------- real images
 
 
