@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 
+import uvicorn
 from pydantic import ValidationError
 from tqdm import tqdm
 
@@ -34,8 +37,6 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from service.app import create_app
     from service.settings import Settings
 
@@ -54,15 +55,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = Settings(**overrides)
     except ValidationError as exc:
         return _fail(_settings_errors(exc))
-    uvicorn.run(
-        create_app(settings),
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         workers=1,  # one process owns the device; scale out with more processes
         timeout_graceful_shutdown=int(settings.request_timeout_s),
     )
+    DrainingServer(config, drain=app.state.engine.drain).run()
     return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT, turn readiness to 503 first, then let uvicorn drain:
+    it stops accepting, waits for in-flight requests, then runs the lifespan's stop."""
+
+    def __init__(self, config: uvicorn.Config, *, drain: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._drain = drain
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._drain()
+        super().handle_exit(sig, frame)
 
 
 def _settings_errors(exc: ValidationError) -> str:

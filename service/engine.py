@@ -170,6 +170,11 @@ class Engine:
         self.ready = True
         self.metrics.set_ready(True)
 
+    def drain(self) -> None:
+        """Stop admitting requests (readiness turns 503); queued work still finishes."""
+        self.ready = False
+        self.metrics.set_ready(False)
+
     async def stop(self) -> None:
         """Stop taking work, fail what is queued, and release the device thread."""
         self.ready = False
@@ -239,8 +244,8 @@ class Engine:
         self, rgb: np.ndarray, scale: float, *, deadline: float | None = None
     ) -> UpscaleResult:
         """Super-resolve an H×W×3 float32 image in [0, 1] by `scale`."""
-        if not self.ready:
-            raise NotReady("models are not loaded yet")
+        if self._scheduler is None or self._scheduler.done():  # not drain: in-flight work ends
+            raise NotReady("the models are not loaded, or the server has stopped")
         name = self.model_name(scale)
         model = self.models[name]
         if deadline is None:
@@ -397,14 +402,81 @@ class Engine:
         """Run one batch on the device (device thread only). Returns outputs on the CPU."""
         reset_peak_memory(self.device)
         started = time.perf_counter()
-        with torch.inference_mode():
-            x = crops.to(self.device, dtype=model.dtype, non_blocking=True)
-            y = model.network(x).clamp_(0, 1).to("cpu", dtype=torch.float32)
+        y = self._forward_splitting(model, crops)
         seconds = time.perf_counter() - started
         self.metrics.observe_batch(
             model.name, crops.shape[0], seconds, peak_memory_bytes(self.device), self.device.type
         )
         return y, seconds
+
+    def _forward_splitting(self, model: LoadedModel, crops: torch.Tensor) -> torch.Tensor:
+        """Forward a batch; when the device runs out of memory, retry smaller.
+
+        A batch is split in halves; a single crop that still does not fit is cut
+        into a grid of smaller overlapping crops (the ACS generalisation) and
+        stitched back, so the client still gets its full image.
+        """
+        try:
+            return self._forward(model, crops)
+        except DeviceOutOfMemory:
+            n, _, h, w = crops.shape
+            self.metrics.count_error("device_oom_retry")
+            if n > 1:
+                log.warning("out of memory on a batch of %d %dx%d crops: halving", n, h, w)
+                return torch.cat(
+                    [
+                        self._forward_splitting(model, crops[: n // 2]),
+                        self._forward_splitting(model, crops[n // 2 :]),
+                    ]
+                )
+            smallest = (2 * self.settings.tile_padding + 4 * model.size_multiple) ** 2
+            if h * w // 2 < smallest:
+                raise
+            log.warning("out of memory on one %dx%d crop: tiling it", h, w)
+            plan = acs.grid_plan(
+                h,
+                w,
+                max_crop_pixels=h * w // 2,
+                padding=self.settings.tile_padding,
+                multiple=model.size_multiple,
+            )
+            pieces = acs.extract(crops, plan)
+            outputs = torch.cat(
+                [self._forward_splitting(model, pieces[i : i + 1]) for i in range(len(pieces))]
+            )
+            return acs.stitch(outputs, plan, scale=model.scale)
+
+    def _forward(self, model: LoadedModel, crops: torch.Tensor) -> torch.Tensor:
+        budget = self.settings.device_memory_budget_bytes
+        if budget and activation_bytes(model, crops.shape) > budget:
+            raise DeviceOutOfMemory(
+                f"a batch of {tuple(crops.shape)} needs ~{activation_bytes(model, crops.shape)} "
+                f"bytes; the budget is {budget}"
+            )
+        try:
+            with torch.inference_mode():
+                x = crops.to(self.device, dtype=model.dtype, non_blocking=True)
+                y: torch.Tensor = model.network(x)
+                return y.clamp_(0, 1).to("cpu", dtype=torch.float32)
+        except torch.OutOfMemoryError as exc:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise DeviceOutOfMemory(str(exc)) from exc
+
+
+class DeviceOutOfMemory(RuntimeError):
+    """The device, or the configured memory budget, cannot hold a batch."""
+
+
+def activation_bytes(model: LoadedModel, shape: torch.Size | tuple[int, ...]) -> int:
+    """A rough peak of a forward's activations: the six block outputs concatenated
+    (384 channels) and a block's working set (~256) at the network's inner
+    resolution (a quarter of each side for IMDN_AS), plus the output."""
+    n, _, h, w = shape
+    inner = (h // model.size_multiple) * (w // model.size_multiple)
+    out = 3 * h * w * model.scale**2
+    itemsize = torch.finfo(model.dtype).bits // 8
+    return n * (640 * inner + 2 * out) * itemsize
 
 
 def _bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     )
     tile_padding: int = Field(16, ge=0, description="context around each tile, a multiple of 4")
 
+    device_memory_budget_bytes: int = Field(
+        0,
+        ge=0,
+        description="0: no limit. Otherwise a batch whose estimated activations exceed it is "
+        "treated as out of memory (split and retried), as a real CUDA OOM is",
+    )
+
     # Output
     png_compress_level: int = Field(1, ge=0, le=9)
 
