@@ -119,7 +119,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         return _fail("several inputs need -o to name a folder")
     from service.engine import model_for_scale
 
-    overrides: dict[str, object] = {"models": [model_for_scale(args.scale)]}
+    # one-off runs skip warm-up: it costs more than it saves for a few images
+    overrides: dict[str, object] = {"models": [model_for_scale(args.scale)], "warmup": False}
     if args.weights_dir is not None:
         overrides["weights_dir"] = args.weights_dir
     if args.device is not None:
