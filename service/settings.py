@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from PIL import Image
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -78,6 +79,17 @@ class Settings(BaseSettings):
     def _padding_multiple_of_4(cls, v: int) -> int:
         if v % 4:
             raise ValueError(f"tile_padding must be a multiple of 4 (the paper's p = 4k), got {v}")
+        return v
+
+    @field_validator("max_input_pixels")
+    @classmethod
+    def _within_pillows_guard(cls, v: int) -> int:
+        # Pillow refuses larger images as decompression bombs, whatever we allow
+        if Image.MAX_IMAGE_PIXELS is not None and v > Image.MAX_IMAGE_PIXELS:
+            raise ValueError(
+                f"max_input_pixels {v} exceeds Pillow's decompression-bomb guard "
+                f"({Image.MAX_IMAGE_PIXELS} pixels)"
+            )
         return v
 
     @model_validator(mode="after")
