@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from models.quality import (
+    _axis_matrix,
     imresize,
     imresize_tensor,
     modcrop,
@@ -131,8 +132,19 @@ def test_tensor_variant_runs_on_the_gpu(baby: npt.NDArray[np.uint8]) -> None:
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=0)
 
 
+def test_resizing_uses_a_sparse_banded_matrix() -> None:
+    """Memory-light by construction: a few non-zeros per output pixel, never out x in."""
+    indices, weights = resize_taps(1000, 2500, 2.5)
+    matrix = _axis_matrix(1000, indices, weights, torch.device("cpu"), torch.float64)
+    assert matrix.layout == torch.sparse_csr
+    assert matrix._nnz() <= 2500 * indices.shape[1] <= 2500 * 6
+    indices, weights = resize_taps(1200, 300, 0.25)  # antialiased: 4x wider kernel
+    assert indices.shape[1] <= 4 * 4 + 2
+
+
 def test_large_upscale_is_fast() -> None:
-    """Sparse taps, not a dense out x in matrix: 1000x1000x3 up x2.5 well under a second."""
+    """1000x1000x3 up x2.5: about half a second on 2 idle cores. The bound is loose
+    so a busy machine does not fail it; a dense or per-pixel Python path would."""
     img = np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
     imresize(img[:100, :100], scale=2.5)  # warm-up
     start = time.perf_counter()
@@ -140,7 +152,7 @@ def test_large_upscale_is_fast() -> None:
     elapsed = time.perf_counter() - start
     print(f"1000x1000x3 x2.5: {elapsed:.3f} s")
     assert out.shape == (2500, 2500, 3)
-    assert elapsed < 2.0
+    assert elapsed < 15.0
 
 
 def test_rgb_to_y_is_bt601_as_float() -> None:
