@@ -112,6 +112,15 @@ ReportDep = Annotated[Report, Depends(get_report)]
 Authorized = [Depends(require_api_key)]
 
 
+def require_ops_key(request: Request) -> None:
+    """Health, readiness and metrics are open unless `IMDN_PROTECT_OPS_ROUTES` is set."""
+    if get_settings(request).protect_ops_routes:
+        require_api_key(request)
+
+
+OpsAuthorized = [Depends(require_ops_key)]
+
+
 # Reading the body
 
 
@@ -168,19 +177,26 @@ def install(app: FastAPI) -> None:
 def _router() -> APIRouter:
     router = APIRouter()
 
-    @router.get("/healthz", tags=["ops"])
+    @router.get("/healthz", tags=["ops"], dependencies=OpsAuthorized)
     async def healthz() -> dict[str, str]:
         """The process is up (liveness)."""
         return {"status": "ok"}
 
-    @router.get("/readyz", tags=["ops"], responses={503: {"description": "models not warm yet"}})
+    @router.get(
+        "/readyz",
+        tags=["ops"],
+        dependencies=OpsAuthorized,
+        responses={503: {"description": "models not warm yet"}},
+    )
     async def readyz(engine: EngineDep) -> Response:
         """200 once every model is loaded and warm (readiness)."""
         if not engine.ready:
             return problem(503, "not_ready", "models are loading or the server is stopping")
         return JSONResponse({"status": "ready", "models": list(engine.models)})
 
-    @router.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    @router.get(
+        "/metrics", tags=["ops"], dependencies=OpsAuthorized, response_class=PlainTextResponse
+    )
     async def metrics_route(request: Request, metrics: MetricsDep) -> Response:
         """Prometheus exposition."""
         body, content_type = metrics.render(request.headers.get("accept"))

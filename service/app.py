@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from service import api
 from service.engine import Engine
@@ -44,4 +45,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.report = Report()
     api.install(app)
+    if settings.cors_origins:  # no CORS headers at all unless origins are configured
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+            expose_headers=["Server-Timing", "X-IMDN-Model", "X-IMDN-Crops", "Retry-After"],
+            max_age=600,
+        )
     return app

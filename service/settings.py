@@ -65,6 +65,16 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_keys: list[SecretStr] = Field(default_factory=list)
+    protect_ops_routes: bool = Field(
+        False,
+        description="with api_keys set, also require a key on /healthz, /readyz and /metrics "
+        "(off: probes and Prometheus scrape without one)",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="browser origins allowed by CORS (JSON list of scheme://host[:port], or "
+        "'*'); empty: no CORS middleware, no CORS headers",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @field_validator("models")
@@ -73,6 +83,19 @@ class Settings(BaseSettings):
         if not v:
             raise ValueError("at least one model must be configured (x2, x3, x4, AS)")
         return list(dict.fromkeys(v))
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_well_formed(cls, v: list[str]) -> list[str]:
+        for origin in v:
+            scheme, sep, host = origin.partition("://")
+            well_formed = scheme in ("http", "https") and sep and host and "/" not in host
+            if origin != "*" and not well_formed:
+                raise ValueError(
+                    f"CORS origin {origin!r} must be '*' or scheme://host[:port] "
+                    "with no path or trailing slash (browsers send it that way)"
+                )
+        return v
 
     @field_validator("tile_padding")
     @classmethod
@@ -91,6 +114,15 @@ class Settings(BaseSettings):
                 f"({Image.MAX_IMAGE_PIXELS} pixels)"
             )
         return v
+
+    @model_validator(mode="after")
+    def _ops_protection_needs_keys(self) -> Settings:
+        if self.protect_ops_routes and not self.api_keys:
+            raise ValueError(
+                "protect_ops_routes is set but api_keys is empty, so nothing would be "
+                "protected: set IMDN_API_KEYS too, or drop IMDN_PROTECT_OPS_ROUTES"
+            )
+        return self
 
     @model_validator(mode="after")
     def _weights_present(self) -> Settings:
