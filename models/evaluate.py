@@ -180,7 +180,9 @@ def evaluate(
         raise ValueError("IMDN_AS is scored on same-size (LR, HR) pairs: give lr_dir")
     dev = torch.device(device)
     protocol = (
-        "RGB, no shave, authors' ACS" if net_scale == 1 else f"Y (BT.601, float), shave {net_scale}"
+        "RGB, no shave; whole image, or ACS when a side is not a multiple of 4"
+        if net_scale == 1
+        else f"Y (BT.601, float), shave {net_scale}"
     )
     dataset = hr_dir.parent.name if hr_dir.name.upper() in {"HR", "GT"} else hr_dir.name
     report = EvalReport(dataset=dataset, scale=net_scale, protocol=protocol)
@@ -205,6 +207,7 @@ def evaluate(
             report.rows.append(row)
             if progress:
                 tqdm.write(f"{name:<14} PSNR {p:7.3f} dB  SSIM {s:.4f}  {seconds:6.2f} s")
+                bar.set_postfix(psnr=f"{report.psnr:.3f}", ssim=f"{report.ssim:.4f}")
             if on_image is not None:
                 on_image(row)
     finally:
