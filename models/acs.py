@@ -187,31 +187,31 @@ def authors_plan(height: int, width: int, *, padding: int = 32) -> CropPlan:
 
 @dataclass(frozen=True)
 class _AxisRule:
-    """How crop sides are chosen along one image side of `size` pixels."""
+    """How crops are laid along one image side of `size` pixels."""
 
     size: int
     padding: int
     multiple: int
-    granularity: int
+
+    @property
+    def largest(self) -> int:
+        """The longest crop side the network accepts within this image side."""
+        return _round_down(self.size, self.multiple)
 
     def side(self, count: int) -> int:
-        """The crop side for `count` crops: the least that leaves `padding` context per seam.
+        """The least crop side for `count` crops that leaves `padding` context per seam.
 
         With evenly spread starts the gap between neighbours is at most
-        (size - side) / (count - 1), plus `multiple` where interior starts are rounded,
-        and each seam needs an overlap of 2 * padding: solving for the side gives
-        `need`. It is rounded up to the granularity for stable shapes, to `multiple`
-        where that would exceed the image, and clamped to the image.
+        (size - side) / (count - 1) (rounded up: starts are whole pixels), plus
+        `multiple` where interior starts are rounded to multiples of it, and each seam
+        needs an overlap of 2 * padding: solve for the side, round it up to `multiple`
+        and clamp it to the image (where the context is then what the image allows).
         """
-        largest = _round_down(self.size, self.multiple)
         if count == 1:
             return self.size
-        slop = self.multiple if count > 2 else 0
+        slop = self.multiple if count > 2 and self.multiple > 1 else 0
         need = -(-(self.size + (2 * self.padding + slop) * (count - 1)) // count)
-        side = _round_up(need, math.lcm(self.multiple, self.granularity))
-        if side > largest:
-            side = _round_up(need, self.multiple)
-        return min(side, largest)
+        return min(_round_up(need, self.multiple), self.largest)
 
     def fewest(self, limit: int) -> tuple[int, int] | None:
         """The smallest count whose crop side is <= `limit`, with that side; None if none."""
@@ -231,8 +231,38 @@ class _AxisRule:
                 low = mid + 1
         return low, self.side(low)
 
-    def spans(self, count: int) -> tuple[_Span, ...]:
-        return _axis_spans(self.size, count, self.side(count), align=self.multiple)
+    def stable(self, side: int, granularity: int) -> int:
+        """`side` rounded up to `granularity` (and `multiple`), if that still fits the image."""
+        rounded = _round_up(side, math.lcm(self.multiple, granularity))
+        return rounded if rounded <= self.largest else side
+
+    def spans(self, count: int, side: int) -> tuple[_Span, ...]:
+        return _axis_spans(self.size, count, side, align=self.multiple)
+
+
+def _fewest_grid(rows: _AxisRule, cols: _AxisRule, budget: int) -> tuple[int, int] | None:
+    """(n_h, n_w) with the fewest crops whose least sides fit `budget` pixels.
+
+    Ties go to the smaller crops, then the squarer. None when no grid fits.
+    """
+    # the narrowest rows bound how wide the crops can be, so how few columns there can be
+    narrowest = min(rows.side(2), rows.side(max(3, rows.size)))
+    widest = cols.fewest(budget // narrowest)
+    if widest is None:
+        return None
+    fewest_cols = widest[0]
+    best: tuple[tuple[int, int, int, int], int, int] | None = None
+    n_h = 1 if rows.size % rows.multiple == 0 else 2
+    while best is None or n_h * fewest_cols <= best[0][0]:
+        crop_h = rows.side(n_h)
+        fit = cols.fewest(budget // crop_h)
+        if fit is not None:
+            n_w, crop_w = fit
+            key = (n_h * n_w, crop_h * crop_w, abs(crop_h - crop_w), n_h)
+            if best is None or key < best[0]:
+                best = (key, n_h, n_w)
+        n_h += 1
+    return best[1], best[2]
 
 
 def grid_plan(
@@ -247,18 +277,18 @@ def grid_plan(
     """The fewest equal-shape overlapping crops with crop_h * crop_w <= `max_crop_pixels`.
 
     `multiple` is the network's size rule (`model.size_multiple`: 1 for IMDN, 4 for
-    IMDN_AS); crop sides are multiples of it, and rounded up to multiples of
-    `granularity` where the image allows, so that images of similar sizes share crop
-    shapes (and batches). On each axis the crops start evenly spread from 0 to
-    side - crop (interior starts rounded to `multiple`, which keeps IMDN_AS's
-    stride-4 phase of an aligned image), each interior seam lies in the middle of
-    an overlap and leaves at least `padding` pixels of context on both sides
-    (unless the crop is clamped to the image). The whole image, in one piece, when
-    it fits and is aligned; two crops along a side that is not a multiple of
-    `multiple`. With 2 x 2 crops the geometry is the paper's ACS.
+    IMDN_AS): crop sides are multiples of it. On each axis the crops start evenly
+    spread from 0 to side - crop (interior starts rounded to `multiple`, which keeps
+    IMDN_AS's stride-4 phase of an aligned image); each interior seam lies in the
+    middle of an overlap and leaves at least `padding` pixels of context on both
+    sides (unless the crop is clamped to the image). The whole image, in one piece,
+    when it fits and is aligned; at least two crops along a side that is not a
+    multiple of `multiple`. With 2 x 2 crops the geometry is the paper's ACS.
 
-    Among grids with the fewest crops, the one with the smallest crops wins, then
-    the squarer. Sides below `multiple` are refused: pad first (`pad_to_multiple`).
+    The grid with the fewest crops is found with the least crop sides; then the sides
+    are rounded up to multiples of `granularity` where the budget and the image allow
+    (more context, and images of similar sizes share crop shapes, hence batches).
+    Sides below `multiple` are refused: pad first (`pad_to_multiple`).
     """
     if min(height, width) < multiple:
         raise ValueError(
@@ -267,31 +297,23 @@ def grid_plan(
         )
     if padding < 0 or multiple < 1 or granularity < 1:
         raise ValueError(f"bad padding {padding}, multiple {multiple} or granularity {granularity}")
-    rows = _AxisRule(height, padding, multiple, granularity)
-    cols = _AxisRule(width, padding, multiple, granularity)
-    # the narrowest rows bound how wide the crops can be, so how few columns there can be
-    narrowest = min(rows.side(2), rows.side(max(3, height)))
-    widest = cols.fewest(max_crop_pixels // narrowest)
-    if widest is None:
+    rows = _AxisRule(height, padding, multiple)
+    cols = _AxisRule(width, padding, multiple)
+    grid = _fewest_grid(rows, cols, max_crop_pixels)
+    if grid is None:
         raise ValueError(
             f"no grid of crops of at most {max_crop_pixels} px fits a {height}x{width} image "
             f"with padding {padding} (a crop side needs more than 2 x padding)"
         )
-    fewest_cols = widest[0]
-    best: tuple[tuple[int, int, int, int], int, int] | None = None
-    n_h = 1 if height % multiple == 0 else 2
-    while best is None or n_h * fewest_cols <= best[0][0]:
-        crop_h = rows.side(n_h)
-        fit = cols.fewest(max_crop_pixels // crop_h)
-        if fit is not None:
-            n_w, crop_w = fit
-            key = (n_h * n_w, crop_h * crop_w, abs(crop_h - crop_w), n_h)
-            if best is None or key < best[0]:
-                best = (key, n_h, n_w)
-        n_h += 1
-    _, n_h, n_w = best
+    n_h, n_w = grid
+    least_h, least_w = rows.side(n_h), cols.side(n_w)
+    stable_h, stable_w = rows.stable(least_h, granularity), cols.stable(least_w, granularity)
+    candidates = [(stable_h, stable_w), (stable_h, least_w), (least_h, stable_w)]
+    crop_h, crop_w = next(
+        ((h, w) for h, w in candidates if h * w <= max_crop_pixels), (least_h, least_w)
+    )
     return _plan_from_axes(
-        height, width, rows.side(n_h), cols.side(n_w), rows.spans(n_h), cols.spans(n_w)
+        height, width, crop_h, crop_w, rows.spans(n_h, crop_h), cols.spans(n_w, crop_w)
     )
 
 
