@@ -229,6 +229,25 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Table 6 offline: time per image and peak memory through the service's engine."""
+    from service.bench import bench_settings, run_bench
+
+    try:
+        settings = bench_settings(args.scale, weights_dir=args.weights_dir, device=args.device)
+        result = asyncio.run(run_bench(settings, args.hr, args.scale))
+    except ValidationError as exc:
+        return _fail(_settings_errors(exc))
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        return _fail(str(exc))
+    text = result.markdown()
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else text.rstrip("\n"))
+    return 0
+
+
 def cmd_fetch_weights(args: argparse.Namespace) -> int:
     names = args.models or list(REGISTRY)
     unknown = [n for n in names if n not in REGISTRY]
@@ -283,6 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="parameters, depth and mult-adds per model (Tables 6, 7)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("bench", help="time per image and peak memory per data set (Table 6)")
+    p.add_argument("--hr", type=Path, nargs="+", required=True, help="HR folders (data sets)")
+    p.add_argument("--scale", type=float, nargs="+", required=True)
+    p.add_argument("--weights-dir", type=Path)
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--output", type=Path, help="also write the Markdown table here")
+    p.add_argument("--json", action="store_true", help="print the raw figures as JSON")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("fetch-weights", help="download and verify the official checkpoints")
     p.add_argument("--dir", type=Path, default=_default_weights_dir())

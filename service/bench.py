@@ -1,0 +1,253 @@
+"""`imdn bench`: the paper's Table 6 measured offline through the service's own engine.
+
+For each scale (x2/x3/x4 for 2, 3, 4; IMDN_AS for any other) and each folder of HR
+images, the LR input is made from the HR image by MATLAB bicubic
+(`models.quality.imresize`, HR cropped to a multiple of the scale), then super-resolved
+by `Engine.upscale`, the very call the HTTP service makes, so planning, tiling,
+batching and precision are the service's. Recorded per image: the wall time of that
+call, and the peak memory of its batches (the CUDA allocator's peak on a GPU, the
+process's resident memory on the CPU, as `service.metrics` reports them).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from tqdm import tqdm
+
+from models.evaluate import IMAGE_SUFFIXES, read_rgb
+from models.quality import imresize, modcrop
+from service.engine import Engine, model_for_scale
+from service.metrics import Metrics, reset_peak_memory
+from service.report import markdown_table
+from service.settings import Settings
+
+Image8 = npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """A row of Table 6: the model serving `scale`, its parameters and depth."""
+
+    model: str
+    scale: float
+    parameters: int
+    depth: int
+
+
+@dataclass(frozen=True)
+class BenchCell:
+    """One model at one scale on one data set."""
+
+    dataset: str
+    model: str
+    scale: float
+    images: int
+    seconds_per_image: float  # mean wall time of `Engine.upscale`, LR in memory to SR array
+    peak_memory_mb: float  # the largest per-image peak over the data set, MiB
+
+
+@dataclass
+class BenchResult:
+    machine: dict[str, str]
+    models: list[ModelFacts]
+    cells: list[BenchCell]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "machine": self.machine,
+            "models": [asdict(m) for m in self.models],
+            "results": [asdict(c) for c in self.cells],
+        }
+
+    def table(self) -> str:
+        """Rows per model and scale; per data set a column 'peak MB / s per image'."""
+        datasets = list(dict.fromkeys(c.dataset for c in self.cells))
+        cells = {(c.model, c.scale, c.dataset): c for c in self.cells}
+        header = ["model", "scale", "params", "depth"]
+        header += [f"{d}: peak MB / s per image" for d in datasets]
+        rows = []
+        for m in self.models:
+            row: list[object] = [m.model, f"×{m.scale:g}", m.parameters, m.depth]
+            for d in datasets:
+                c = cells.get((m.model, m.scale, d))
+                row.append(
+                    None if c is None else f"{c.peak_memory_mb:.0f} / {c.seconds_per_image:.3f}"
+                )
+            rows.append(row)
+        return markdown_table(header, rows)
+
+    def markdown(self) -> str:
+        """The machine it ran on, then the table."""
+        facts = "\n".join(f"- {key}: {value}" for key, value in self.machine.items())
+        return f"{facts}\n\n{self.table()}"
+
+
+class _PeakRecorder(Metrics):
+    """The engine's metrics, also keeping the largest batch peak since the last `clear`:
+    an image cut into several batches peaks at its largest batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak_bytes = 0
+
+    def clear(self) -> None:
+        self.peak_bytes = 0
+
+    def observe_batch(
+        self, model: str, size: int, seconds: float, peak_bytes: int, device: str
+    ) -> None:
+        super().observe_batch(model, size, seconds, peak_bytes, device)
+        self.peak_bytes = max(self.peak_bytes, peak_bytes)
+
+
+def models_for(scales: Sequence[float]) -> list[str]:
+    """The models that serve `scales`, each once, in the order of the scales."""
+    return list(dict.fromkeys(model_for_scale(s) for s in scales))
+
+
+def bench_settings(
+    scales: Sequence[float], *, weights_dir: Path | None = None, device: str | None = None
+) -> Settings:
+    """The service's settings (tiling, batch size, precision), with the models `scales`
+    need. Two differences: no synthetic warm-up (`run_bench` warms each model on a real
+    image), and no batch wait, since images come one at a time and no other request
+    could join a batch (the service waits `max_batch_wait_ms` for one)."""
+    overrides: dict[str, Any] = {
+        "models": models_for(scales),
+        "warmup": False,
+        "max_batch_wait_ms": 0,
+    }
+    if weights_dir is not None:
+        overrides["weights_dir"] = weights_dir
+    if device is not None:
+        overrides["device"] = device
+    return Settings(**overrides)
+
+
+def dataset_name(folder: Path) -> str:
+    """`Set5/HR` is 'Set5'; any other folder is its own name."""
+    return folder.parent.name if folder.name.upper() == "HR" and folder.parent.name else folder.name
+
+
+def hr_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such folder: {folder}")
+    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+        raise FileNotFoundError(f"no images in {folder}")
+    return found
+
+
+def lr_from_hr(hr: Image8, scale: float) -> Image8:
+    """The benchmark LR: MATLAB bicubic of the HR cropped to a multiple of the scale
+    (integer scales, the paper's protocol), or resized to round(H/s) x round(W/s)."""
+    if float(scale).is_integer():
+        return imresize(modcrop(hr, int(scale)), scale=1 / scale)
+    size = (max(1, round(hr.shape[0] / scale)), max(1, round(hr.shape[1] / scale)))
+    return imresize(hr, size=size)
+
+
+def machine_description(engine: Engine) -> dict[str, str]:
+    """CPU model, cores, PyTorch version and threads, device, precision, date, load."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    device = str(engine.device)
+    if engine.device.type == "cuda":
+        device += f" ({torch.cuda.get_device_name(engine.device)})"
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "torch": f"{torch.__version__} ({torch.get_num_threads()} threads)",
+        "device": device,
+        "precision": str(engine.dtype).removeprefix("torch."),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load average at start": "n/a" if load is None else " ".join(f"{x:.2f}" for x in load),
+    }
+
+
+async def run_bench(
+    settings: Settings,
+    hr_dirs: Sequence[Path],
+    scales: Sequence[float],
+    *,
+    progress: bool = True,
+) -> BenchResult:
+    """Time `Engine.upscale` on every image of every folder at every scale.
+
+    The first image of each (scale, data set) is run once untimed before the timed
+    pass, so one-time costs (allocator growth, oneDNN/cuDNN kernel selection) stay out
+    of the averages, as the paper's timings keep them out.
+    """
+    if not hr_dirs or not scales:
+        raise ValueError("give at least one HR folder and one scale")
+    if any(not s > 1 for s in scales):
+        raise ValueError(f"scales must be above 1, got {list(scales)}")
+    names = [dataset_name(d) for d in hr_dirs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two folders have the same data set name: {names}")
+    files = {name: hr_images(d) for name, d in zip(names, hr_dirs, strict=True)}
+
+    recorder = _PeakRecorder()
+    engine = Engine(settings, recorder)
+    await engine.start()
+    try:
+        machine = machine_description(engine)
+        facts, cells = [], []
+        for scale in scales:
+            model = engine.models[engine.model_name(scale)]
+            facts.append(ModelFacts(model.name, scale, model.parameters, model.depth))
+            for name in names:
+                cells.append(
+                    await _bench_cell(engine, recorder, name, files[name], scale, progress)
+                )
+    finally:
+        await engine.stop()
+    return BenchResult(machine, facts, cells)
+
+
+async def _bench_cell(
+    engine: Engine,
+    recorder: _PeakRecorder,
+    dataset: str,
+    files: list[Path],
+    scale: float,
+    progress: bool,
+) -> BenchCell:
+    seconds: list[float] = []
+    peaks: list[int] = []
+    bar = tqdm(files, desc=f"{dataset} ×{scale:g}", unit="img", disable=not progress, leave=False)
+    for i, path in enumerate(bar):
+        lr = lr_from_hr(read_rgb(path), scale).astype(np.float32) / 255
+        if i == 0:
+            await engine.upscale(lr, scale)  # untimed warm-up on a real shape
+        reset_peak_memory(engine.device)
+        recorder.clear()
+        started = time.perf_counter()
+        await engine.upscale(lr, scale)
+        seconds.append(time.perf_counter() - started)
+        peaks.append(recorder.peak_bytes)
+    return BenchCell(
+        dataset=dataset,
+        model=engine.model_name(scale),
+        scale=scale,
+        images=len(seconds),
+        seconds_per_image=float(np.mean(seconds)),
+        peak_memory_mb=max(peaks) / 2**20,
+    )
