@@ -21,13 +21,12 @@ import functools
 import io
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from service import api
 from service.metrics import Metrics
 from service.settings import Settings
 from tests.live import live_server
+from tests.prometheus import Series, running_prometheus, series_value
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "deploy" / "k8s"
@@ -524,13 +524,6 @@ HOLD_MS = 10000  # crops wait this long for a fuller batch: a queue of known dep
 LOAD = {"imdn-6d5f8c7b9-a1b2c": 6, "imdn-6d5f8c7b9-x9y8z": 3}  # pod -> requests (1 crop each)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -539,70 +532,8 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
         time.sleep(0.2)
 
 
-@contextmanager
-def prometheus(tmp_path: Path, targets: dict[str, str]) -> Iterator[str]:
-    """A real Prometheus on a loopback port scraping `targets` (pod -> host:port) every
-    second, each labelled as the PodMonitor labels it in a cluster."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("prometheus not installed (apt-get install prometheus; `make system-tools`)")
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [
-            {
-                "job_name": "imdn",
-                "scrape_timeout": "1s",
-                "static_configs": [
-                    {"targets": [address], "labels": {"namespace": "imdn", "pod": pod}}
-                    for pod, address in targets.items()
-                ],
-            }
-        ],
-    }
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    address = f"127.0.0.1:{free_port()}"
-    with (tmp_path / "prometheus.log").open("w") as log:
-        proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={tmp_path / 'prometheus.yml'}",
-                f"--storage.tsdb.path={tmp_path / 'data'}",
-                f"--web.listen-address={address}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            url = f"http://{address}"
-
-            def ready() -> bool:
-                assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
-                try:
-                    return httpx.get(f"{url}/-/ready", timeout=1).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            wait_for("Prometheus to be ready", ready, 20)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-
-
-def query(url: str, promql: str, at: float | None = None) -> list[Obj]:
-    params = {"query": promql} | ({"time": f"{at:.3f}"} if at is not None else {})
-    reply = httpx.get(f"{url}/api/v1/query", params=params, timeout=5).json()
-    assert reply["status"] == "success", reply
-    result: list[Obj] = reply["data"]["result"]
-    return result
-
-
-def by_pod(result: list[Obj]) -> dict[str, float]:
-    return {r["metric"]["pod"]: float(r["value"][1]) for r in result}
+def by_pod(result: list[Series]) -> dict[str, float]:
+    return {r["metric"]["pod"]: series_value(r) for r in result}
 
 
 def served_depth(base_url: str) -> float:
@@ -635,23 +566,25 @@ def test_hpa_query_on_a_real_prometheus_scraping_two_servers(
     )
     with ExitStack() as stack:
         servers = {pod: stack.enter_context(live_server(settings)) for pod in pods}
+        address = {pod: s.url.removeprefix("http://") for pod, s in servers.items()}
         prom = stack.enter_context(
-            prometheus(tmp_path, {pod: s.url.removeprefix("http://") for pod, s in servers.items()})
+            running_prometheus(
+                list(address.values()),
+                tmp_path,
+                "1s",
+                # the labels a PodMonitor's targets carry in the cluster
+                target_labels={a: {"namespace": "imdn", "pod": pod} for pod, a in address.items()},
+            )
         )
+        prom.wait_for("count_over_time(up[1m]) >= 2", lambda r: len(r) == 2, timeout=20)
         # Discovery: the adapter's seriesQuery finds one series per pod, with its labels.
-        wait_for(
-            "two scrapes of both servers",
-            lambda: len(query(prom, "count_over_time(up[1m]) >= 2")) == 2,
-            20,
-        )
-        series = httpx.get(
-            f"{prom}/api/v1/series", params={"match[]": rule["seriesQuery"]}, timeout=5
-        ).json()["data"]
-        assert sorted(s["pod"] for s in series) == sorted(pods)
-        assert {s["namespace"] for s in series} == {"imdn"}
+        series = prom.http.get("/api/v1/series", params={"match[]": rule["seriesQuery"]})
+        found = series.json()["data"]
+        assert sorted(s["pod"] for s in found) == sorted(pods)
+        assert {s["namespace"] for s in found} == {"imdn"}
 
         # At rest the metric is 0 for every pod.
-        assert by_pod(query(prom, hpa_promql)) == dict.fromkeys(pods, 0.0)
+        assert by_pod(prom.query(hpa_promql)) == dict.fromkeys(pods, 0.0)
 
         # Queue pressure: requests whose crops wait HOLD_MS for a fuller batch.
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=sum(LOAD.values())))
@@ -675,7 +608,7 @@ def test_hpa_query_on_a_real_prometheus_scraping_two_servers(
         def last_two_scrapes() -> dict[str, list[float]]:
             return {
                 r["metric"]["pod"]: [float(v) for _, v in r["values"][-2:]]
-                for r in query(prom, "imdn_queue_depth[10s]")
+                for r in prom.query("imdn_queue_depth[10s]")
             }
 
         wait_for(
@@ -684,12 +617,12 @@ def test_hpa_query_on_a_real_prometheus_scraping_two_servers(
             5,
         )
         at = time.time()
-        hpa = by_pod(query(prom, hpa_promql, at))
+        hpa = by_pod(prom.query(hpa_promql, at))
         window = {
             r["metric"]["pod"]: [float(v) for _, v in r["values"]]
-            for r in query(prom, 'imdn_queue_depth{namespace="imdn"}[1m]', at)
+            for r in prom.query('imdn_queue_depth{namespace="imdn"}[1m]', at)
         }
-        keda = query(prom, keda_promql, at)
+        keda = prom.query(keda_promql, at)
         still_held = {pod: served_depth(s.url) for pod, s in servers.items()}
         assert still_held == LOAD, "the hold ended before the query; raise HOLD_MS"
 
@@ -701,13 +634,13 @@ def test_hpa_query_on_a_real_prometheus_scraping_two_servers(
             assert samples == sorted(samples)
             assert hpa[pod] == pytest.approx(sum(samples) / len(samples))
             assert 0 < hpa[pod] < depth
-        assert len(keda) == 1 and float(keda[0]["value"][1]) == pytest.approx(sum(hpa.values()))
+        assert len(keda) == 1 and series_value(keda[0]) == pytest.approx(sum(hpa.values()))
 
         responses = [f.result(timeout=HOLD_MS / 1000 + 30) for f in futures]
         assert [r.status_code for r in responses] == [200] * len(responses)
         assert {r.headers["x-imdn-crops"] for r in responses} == {"1"}
-        wait_for(
-            "the queues to drain in Prometheus",
-            lambda: by_pod(query(prom, "imdn_queue_depth")) == dict.fromkeys(pods, 0.0),
-            10,
+        prom.wait_for(
+            "imdn_queue_depth",
+            lambda r: by_pod(r) == dict.fromkeys(pods, 0.0),
+            timeout=10,
         )
