@@ -203,6 +203,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.train import config_from_args, train
+
+    try:
+        result = train(config_from_args(args))
+    except (CheckpointError, ValueError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    print(result.summary())
+    return 0
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     rows = []
     for name, spec in REGISTRY.items():
@@ -298,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights-dir", type=Path)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    from models.train import add_train_arguments
+
+    p = sub.add_parser("train", help="train IMDN with the paper's recipe (docs/training.md)")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("profile", help="parameters, depth and mult-adds per model (Tables 6, 7)")
     p.add_argument("--json", action="store_true")
