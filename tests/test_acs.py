@@ -28,6 +28,7 @@ from models.acs import (
     stitch,
 )
 from models.imdn import IMDN, build_model
+from models.quality import imresize
 
 SIZES = [
     (1, 1),
@@ -366,8 +367,8 @@ def load_rgb(path: Path, multiple: int) -> np.ndarray:
 
 
 def bicubic(img: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Pillow's bicubic resize (stands in for MATLAB's imresize in this test)."""
-    return np.asarray(Image.fromarray(img).resize((width, height), Image.Resampling.BICUBIC))
+    """MATLAB's bicubic imresize, as the paper's protocol makes LR images."""
+    return imresize(img, size=(height, width))
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
