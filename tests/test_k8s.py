@@ -516,6 +516,11 @@ def test_keda_component_replaces_the_hpa_with_the_same_signal() -> None:
     namespaces = re.findall(r'namespace="([^"]+)"', trigger["metadata"]["query"])
     assert namespaces == [scaled["metadata"]["namespace"]]
     assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == hpa["behavior"]
+    bounds = one(rendered("overlay"), "HorizontalPodAutoscaler")["spec"]
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (
+        bounds["minReplicas"],
+        bounds["maxReplicas"],
+    )
 
 
 # ------------------------------------------------------------------ live: Prometheus
