@@ -1,4 +1,4 @@
-"""The `imdn` command: serve, upscale, eval, profile, bench, fetch-weights."""
+"""The `imdn` command: serve, upscale, eval, profile, bench, train, fetch-weights."""
 
 from __future__ import annotations
 
@@ -16,7 +16,14 @@ import uvicorn
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from models.checkpoints import OFFICIAL_BASE_URL, REGISTRY, CheckpointError, fetch, load_official
+from models.checkpoints import (
+    OFFICIAL_BASE_URL,
+    REGISTRY,
+    CheckpointError,
+    fetch,
+    load_model,
+    load_official,
+)
 from models.imdn import build_model
 from models.profile import profile
 from service.report import markdown_table
@@ -183,7 +190,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if name not in REGISTRY:
         return _fail(f"unknown model {name!r}; known: {', '.join(REGISTRY)}")
     try:
-        model = load_official(name, args.weights_dir or _default_weights_dir())
+        if args.checkpoint is not None:  # a file of your own, e.g. from `imdn train`
+            model = load_model(args.checkpoint, expect=REGISTRY[name], verify_sha256=False)
+        else:
+            model = load_official(name, args.weights_dir or _default_weights_dir())
         report = evaluate(
             model,
             args.hr,
@@ -307,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, choices=(2, 3, 4))
     p.add_argument("--model", choices=list(REGISTRY))
     p.add_argument("--weights-dir", type=Path)
+    p.add_argument("--checkpoint", type=Path, help="score this file instead of the official one")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from models import acs
-from models.checkpoints import REGISTRY, fetch, load_official
+from models.checkpoints import REGISTRY, fetch, load_model, load_official
 from models.imdn import IMDN
 from models.profile import conv_depth
 from models.quality import imresize_tensor
@@ -193,9 +193,12 @@ class Engine:
     def _load(self, name: str) -> LoadedModel:
         started = time.perf_counter()
         spec = REGISTRY[name]
-        if self.settings.fetch_weights:
-            fetch(spec, self.settings.weights_dir, base_url=self.settings.weights_url)
-        network = load_official(name, Path(self.settings.weights_dir))
+        if name in self.settings.checkpoints:  # the user's own file, e.g. from `imdn train`
+            network = load_model(self.settings.checkpoints[name], expect=spec, verify_sha256=False)
+        else:
+            if self.settings.fetch_weights:
+                fetch(spec, self.settings.weights_dir, base_url=self.settings.weights_url)
+            network = load_official(name, Path(self.settings.weights_dir))
         depth = conv_depth(network)
         network = network.to(self.device, dtype=self.dtype).eval()
         loaded = LoadedModel(

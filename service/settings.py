@@ -27,6 +27,12 @@ class Settings(BaseSettings):
         False, description="download missing checkpoints from weights_url at start (sha256-checked)"
     )
     weights_url: str = OFFICIAL_BASE_URL
+    checkpoints: dict[ModelName, Path] = Field(
+        default_factory=dict,
+        description='your own files for some models, e.g. {"x4": "runs/x4/best.pth"} '
+        "(from `imdn train`): checked for architecture, scale and every shape, not for the "
+        "official sha256",
+    )
     models: list[ModelName] = Field(default_factory=lambda: list(REGISTRY))  # type: ignore[arg-type]
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
@@ -124,15 +130,19 @@ class Settings(BaseSettings):
             )
         return self
 
+    def checkpoint_path(self, name: ModelName) -> Path:
+        """The file a model loads from: the configured one, else the official one."""
+        return self.checkpoints.get(name, self.weights_dir / REGISTRY[name].filename)
+
     @model_validator(mode="after")
     def _weights_present(self) -> Settings:
+        own = [self.checkpoints[n] for n in self.models if n in self.checkpoints]
+        official = [n for n in self.models if n not in self.checkpoints]
+        if missing_own := [str(p) for p in own if not p.is_file()]:
+            raise ValueError(f"checkpoint files {', '.join(missing_own)} do not exist")
         if self.fetch_weights:
             return self
-        missing = [
-            REGISTRY[name].filename
-            for name in self.models
-            if not (self.weights_dir / REGISTRY[name].filename).is_file()
-        ]
+        missing = [REGISTRY[n].filename for n in official if not self.checkpoint_path(n).is_file()]
         if missing:
             raise ValueError(
                 f"checkpoints {', '.join(missing)} not found in {self.weights_dir.resolve()}: "

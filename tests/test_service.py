@@ -248,3 +248,29 @@ def test_size_limits(weights_dir: Path, datasets_dir: Path) -> None:
         assert too_big_out.json()["reason"] == "output_too_large"
         fine = c.post("/v1/superres?scale=2", content=png_of(lr[:40, :40]))
         assert fine.status_code == 200
+
+
+def test_serves_a_checkpoint_of_our_own(
+    weights_dir: Path, datasets_dir: Path, tmp_path: Path, official_model
+) -> None:  # type: ignore[no-untyped-def]
+    """A trained file (here: the official x2 with a shifted output bias) served by name."""
+    from models.checkpoints import load_official, save_state_dict
+
+    model = load_official("x2", weights_dir)
+    with torch.no_grad():
+        model.upsample_conv.bias += 0.02
+    path = tmp_path / "best.pth"
+    save_state_dict(model, path)
+    lr = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x2" / "headx2.bmp")
+    settings = Settings(weights_dir=weights_dir, models=["x2"], checkpoints={"x2": path})
+    with live_server(settings) as srv:
+        r = httpx.post(f"{srv.url}/v1/superres?scale=2", content=png_of(lr), timeout=300)
+    assert r.status_code == 200, r.text
+    out = read_png(r.content)
+    np.testing.assert_array_equal(out, in_process(model.eval(), lr))
+    assert not np.array_equal(out, in_process(official_model("x2"), lr))
+
+
+def test_settings_refuse_a_missing_checkpoint_of_our_own(weights_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="do not exist"):
+        Settings(weights_dir=weights_dir, models=["x2"], checkpoints={"x2": tmp_path / "no.pth"})
