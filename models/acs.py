@@ -6,6 +6,14 @@ overlap gives each crop context beyond the pixels it supplies and is then droppe
 Equal shapes mean a plan's crops run as one batch, and crops of one shape from
 different requests can share a batch.
 
+Tiles are not free with IMDN: its channel attention pools statistics over the
+whole feature map, so a crop's output differs from the whole image's everywhere in
+the crop, not only near the seams, and more context helps only by making crops
+larger. Measured with the official weights on Set14 (tests/test_acs.py): x4 with
+80 x 80 LR tiles and 32 px context stays 45-49 dB from the whole image; IMDN_AS
+(features at 1/4 resolution) with 192 x 192 tiles lands 34-38 dB from it, and the
+paper's own 4-crop ACS 36-44 dB. Run an image whole when it fits.
+
 Coordinates in a plan are input (LR) pixels; `stitch` multiplies them by the
 network's scale. Pure tensor code: no I/O, nothing loaded at import.
 """
