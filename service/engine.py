@@ -234,7 +234,9 @@ class Engine:
         """Whole image when it fits the budget and the size rule; the paper's ACS for
         an unaligned image that fits; a tile grid for anything larger."""
         m = model.size_multiple
-        budget = self.settings.tile_max_pixels
+        # the budget counts pixels at the network's inner resolution: IMDN_AS works at a
+        # quarter of each side, so its crops may be 16× larger for the same memory
+        budget = self.settings.tile_max_pixels * m * m
         if height * width <= budget:
             if height % m == 0 and width % m == 0:
                 return acs.whole_plan(height, width)

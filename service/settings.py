@@ -53,9 +53,12 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(5.0, ge=0)
     max_queue_crops: int = Field(256, ge=1, description="crops waiting before 429")
     tile_max_pixels: int = Field(
-        256 * 256, ge=32 * 32, description="network-input pixels per crop; larger inputs are tiled"
+        256 * 256,
+        ge=32 * 32,
+        description="pixels per crop at the network's inner resolution (IMDN: its input; "
+        "IMDN_AS: a quarter of each side); larger inputs are tiled",
     )
-    tile_padding: int = Field(16, ge=0, description="context around each tile, a multiple of 4")
+    tile_padding: int = Field(32, ge=0, description="context around each tile, a multiple of 4")
 
     device_memory_budget_bytes: int = Field(
         0,
@@ -109,6 +112,16 @@ class Settings(BaseSettings):
         if v % 4:
             raise ValueError(f"tile_padding must be a multiple of 4 (the paper's p = 4k), got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _tiles_hold_their_context(self) -> Settings:
+        side = 2 * self.tile_padding + 16
+        if self.tile_max_pixels < side * side:
+            raise ValueError(
+                f"tile_max_pixels {self.tile_max_pixels} is too small for tile_padding "
+                f"{self.tile_padding}: a tile needs at least {side}x{side} pixels"
+            )
+        return self
 
     @field_validator("max_input_pixels")
     @classmethod

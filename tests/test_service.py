@@ -135,7 +135,9 @@ def test_large_image_is_tiled_and_close_to_whole(
     weights_dir: Path, datasets_dir: Path, official_model
 ) -> None:  # type: ignore[no-untyped-def]
     """A budget far below the image: many crops, and a result within 45 dB of the whole."""
-    settings = Settings(weights_dir=weights_dir, models=["x4"], tile_max_pixels=48 * 48)
+    settings = Settings(
+        weights_dir=weights_dir, models=["x4"], tile_max_pixels=48 * 48, tile_padding=16
+    )
     lr = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "babyx4.bmp")
     with live_server(settings) as srv:
         r = httpx.post(f"{srv.url}/v1/superres?scale=4", content=png_of(lr), timeout=300)
