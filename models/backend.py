@@ -1,0 +1,194 @@
+"""Inference backends: the same network and weights, run by the engine that is fastest here.
+
+`prepare(model, backend, device, dtype)` returns a function from an NCHW batch (on `device`,
+of `dtype`) to the network's output, under inference mode. Every backend computes the same
+function within float32 rounding (tests hold them to 1e-4 of eager on real images), and
+every one takes any batch size and any height and width, as the service's crops vary:
+
+- ``eager``: the module as written, contiguous NCHW (what the authors' test script does).
+- ``channels_last``: the same module with NHWC weights and inputs; oneDNN's NHWC
+  convolutions avoid reorders on the CPU (~1.3× here). No extra dependency.
+- ``onnxruntime``: exported once through `torch.export` with dynamic batch, height and
+  width, run by ONNX Runtime's CPU provider (fused conv + activation, NCHWc layout).
+  Needs the ``onnx`` extra (onnxruntime, onnx, onnxscript).
+- ``openvino``: converted once from the module with a dynamic input shape, compiled for
+  the CPU in float32 (OpenVINO's default on bf16-capable CPUs is bfloat16, which moves
+  outputs by ~1e-2; we pin f32). Needs the ``openvino`` extra.
+
+`torch.compile` and TorchScript freezing were measured and left out: on this CPU neither
+beat ``channels_last``, and compile took a minute per new input shape (docs/benchmarks.md).
+The choice is the service's `IMDN_BACKEND`; ``auto`` resolves by `resolve_backend`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import logging
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.imdn import IMDN
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+BackendName = Literal["eager", "channels_last", "onnxruntime", "openvino"]
+BACKENDS: tuple[BackendName, ...] = ("eager", "channels_last", "onnxruntime", "openvino")
+# the Python module each optional backend needs, and the extra that installs it
+_NEEDS = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino")}
+# the order `auto` tries on the CPU: fastest first (docs/benchmarks.md)
+_CPU_PREFERENCE: tuple[BackendName, ...] = ("openvino", "onnxruntime", "channels_last")
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend cannot run here: its package is missing, or it does not fit the device."""
+
+
+def installed(backend: str) -> bool:
+    """Whether the package an optional backend needs can be imported."""
+    need = _NEEDS.get(backend)
+    return need is None or importlib.util.find_spec(need[0]) is not None
+
+
+def resolve_backend(name: str, device: torch.device) -> BackendName:
+    """`auto` becomes the fastest backend that runs here: on the CPU, OpenVINO or ONNX
+    Runtime when installed, else channels_last; on other devices eager (the path the
+    CUDA half of bench/model_vs_authors.py measures). Any other name is checked."""
+    if name == "auto":
+        if device.type != "cpu":
+            return "eager"
+        return next(b for b in _CPU_PREFERENCE if installed(b))
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected auto or one of {', '.join(BACKENDS)}")
+    backend: BackendName = name
+    if backend in _NEEDS:
+        if device.type != "cpu":
+            raise BackendUnavailable(f"backend {backend!r} runs on the CPU only, not {device}")
+        if not installed(backend):
+            module, extra = _NEEDS[backend]
+            raise BackendUnavailable(
+                f"backend {backend!r} needs the Python package {module!r}: "
+                f"pip install 'imdn-serve[{extra}]'"
+            )
+    return backend
+
+
+def prepare(model: IMDN, backend: str, device: torch.device, dtype: torch.dtype) -> Forward:
+    """A forward function for `model` on `device` in `dtype`, run by `backend`.
+
+    The model is copied, never changed in place. Exported backends (ONNX Runtime,
+    OpenVINO) run on the CPU in float32 only, and take CPU tensors.
+    """
+    name = resolve_backend(backend, device)
+    network = copy.deepcopy(model).to(device, dtype=dtype).eval()
+    if name == "eager":
+        return _module_forward(network, memory_format=torch.contiguous_format)
+    if name == "channels_last":
+        network = network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        return _module_forward(network, memory_format=torch.channels_last)
+    if dtype != torch.float32:
+        raise BackendUnavailable(f"backend {name!r} runs in float32 only, not {dtype}")
+    sample = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    if name == "onnxruntime":
+        return _onnxruntime_forward(network, sample)
+    return _openvino_forward(network, sample)
+
+
+def _module_forward(network: nn.Module, *, memory_format: torch.memory_format) -> Forward:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            y: torch.Tensor = network(x.contiguous(memory_format=memory_format))
+            return y.contiguous()
+
+    return forward
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _onnx_bytes(network: nn.Module, sample: torch.Tensor) -> bytes:
+    """The network as an ONNX model with a dynamic batch, height and width."""
+    dynamic = torch.export.Dim.DYNAMIC
+    with _quiet("torch.onnx"):
+        program: Any = torch.onnx.export(
+            network,
+            (sample,),
+            dynamo=True,
+            input_names=["image"],
+            output_names=["output"],
+            dynamic_shapes=({0: dynamic, 2: dynamic, 3: dynamic},),
+            optimize=True,
+            verbose=False,
+        )
+    data: bytes = program.model_proto.SerializeToString()
+    return data
+
+
+def _onnxruntime_forward(network: nn.Module, sample: torch.Tensor) -> Forward:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = _threads()
+    options.log_severity_level = 3  # errors only: shape-inference notes are not news
+    session = ort.InferenceSession(
+        _onnx_bytes(network, sample), options, providers=["CPUExecutionProvider"]
+    )
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        (y,) = session.run(["output"], {"image": _numpy(x)})
+        return torch.from_numpy(y)
+
+    return forward
+
+
+def _openvino_forward(network: nn.Module, sample: torch.Tensor) -> Forward:
+    import openvino as ov
+
+    with _quiet("torch.jit"):
+        converted = ov.convert_model(
+            network, example_input=sample, input=[ov.PartialShape([-1, 3, -1, -1])]
+        )
+    compiled = ov.Core().compile_model(
+        converted,
+        "CPU",
+        {
+            "INFERENCE_PRECISION_HINT": "f32",
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": _threads(),
+        },
+    )
+    request = compiled.create_infer_request()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        result = request.infer({0: _numpy(x)}, share_inputs=True)  # outputs are copies
+        return torch.from_numpy(result[0])
+
+    return forward
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Hide a converter's warnings about its own internals (tracer notes, optional
+    torchvision ops it skips); errors still raise."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        raise BackendUnavailable(f"exported backends take float32 CPU tensors, got {x.dtype}")
+    return x.detach().contiguous().numpy()

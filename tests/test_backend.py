@@ -1,0 +1,113 @@
+"""Every inference backend computes the official network's function (within 1e-4 of eager)
+on real images, for batches of 1 and 4, for a fixed-scale model and IMDN_AS, and keeps
+doing so when the input shape changes between calls, as the engine's crops do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.backend import (
+    BACKENDS,
+    BackendUnavailable,
+    installed,
+    prepare,
+    resolve_backend,
+)
+from models.quality import imresize, imresize_tensor
+
+CPU = torch.device("cpu")
+TOLERANCE = 1e-4
+
+
+def _backend_or_skip(name: str) -> str:
+    if not installed(name):
+        pytest.skip(f"backend {name!r} is not installed (its optional extra)")
+    return name
+
+
+@pytest.fixture(scope="module")
+def butterfly_lr(datasets_dir: Path) -> torch.Tensor:
+    """Set5 butterfly at ×4 LR (MATLAB bicubic), 1×3×64×64 in [0, 1]."""
+    hr = np.asarray(Image.open(datasets_dir / "Set5" / "HR" / "butterfly.bmp").convert("RGB"))
+    lr = imresize(hr, scale=0.25)
+    return torch.from_numpy(lr.astype(np.float32) / 255).permute(2, 0, 1)[None].contiguous()
+
+
+def _four_crops(image: torch.Tensor, side: int) -> torch.Tensor:
+    """Four different side×side crops of a real image, as one batch."""
+    h, w = image.shape[-2:]
+    corners = [(0, 0), (0, w - side), (h - side, 0), (h - side, w - side)]
+    return torch.cat([image[..., y : y + side, x : x + side] for y, x in corners])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["x4", "AS"])
+def test_backend_matches_eager(
+    backend: str, name: str, official_model: Any, butterfly_lr: torch.Tensor
+) -> None:
+    _backend_or_skip(backend)
+    model = official_model(name)
+    image = butterfly_lr
+    if name == "AS":  # IMDN_AS restores a same-size bicubic upscale: give it one (×2)
+        image = imresize_tensor(image, size=(128, 128)).clamp(0, 1)
+    forward = prepare(model, backend, CPU, torch.float32)
+    # batch 1 of the whole image, then batch 4 of crops of another shape, then batch 1 again
+    for x in (image, _four_crops(image, 40), image[..., :36, :52]):
+        with torch.inference_mode():
+            expected = model(x)
+        got = forward(x)
+        assert got.shape == expected.shape
+        assert got.dtype == torch.float32 and got.is_contiguous()
+        err = (got - expected).abs().max().item()
+        assert err <= TOLERANCE, f"{backend} differs from eager by {err:.2e} on {tuple(x.shape)}"
+        # a real picture, not a flat one: the comparison has something to compare
+        assert expected.std().item() > 0.05
+
+
+def test_prepare_leaves_the_model_alone(official_model: Any) -> None:
+    model = official_model("x2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prepare(model, "channels_last", CPU, torch.float32)
+    for key, value in model.state_dict().items():
+        assert value.is_contiguous(), key
+        assert torch.equal(value, before[key]), key
+
+
+def test_auto_picks_an_installed_backend_on_the_cpu() -> None:
+    chosen = resolve_backend("auto", CPU)
+    assert installed(chosen)
+    preference = ["openvino", "onnxruntime", "channels_last"]
+    # nothing faster than the chosen one is installed
+    assert not any(installed(b) for b in preference[: preference.index(chosen)])
+
+
+def test_auto_on_cuda_is_eager_and_exported_backends_refuse_it() -> None:
+    cuda = torch.device("cuda")
+    assert resolve_backend("auto", cuda) == "eager"
+    for backend in ("onnxruntime", "openvino"):
+        with pytest.raises(BackendUnavailable, match="CPU only"):
+            resolve_backend(backend, cuda)
+
+
+def test_unknown_backend_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
+        resolve_backend("tensorrt", CPU)
+
+
+def test_missing_package_says_which_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "openvino" else real(name, *a),
+    )
+    with pytest.raises(BackendUnavailable, match=r"imdn-serve\[openvino\]"):
+        resolve_backend("openvino", CPU)
