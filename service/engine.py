@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from models import acs
+from models.backend import Forward, prepare, resolve_backend
 from models.checkpoints import REGISTRY, fetch, load_model, load_official
 from models.imdn import IMDN
 from models.profile import conv_depth
@@ -82,6 +83,8 @@ class LoadedModel:
     parameters: int
     depth: int
     dtype: torch.dtype
+    backend: str  # models.backend: how `forward` runs `network`
+    forward: Forward
     load_seconds: float = 0.0
     warmup_seconds: float = 0.0
 
@@ -164,7 +167,11 @@ class Engine:
             m = self.models[name]
             self.metrics.model_loaded(name, m.load_seconds, m.warmup_seconds)
             log.info(
-                "model %s loaded in %.2fs, warm in %.2fs", name, m.load_seconds, m.warmup_seconds
+                "model %s (backend %s) loaded in %.2fs, warm in %.2fs",
+                name,
+                m.backend,
+                m.load_seconds,
+                m.warmup_seconds,
             )
         self._scheduler = asyncio.create_task(self._schedule(), name="imdn-scheduler")
         self.ready = True
@@ -201,6 +208,7 @@ class Engine:
             network = load_official(name, Path(self.settings.weights_dir))
         depth = conv_depth(network)
         network = network.to(self.device, dtype=self.dtype).eval()
+        backend = resolve_backend(self.settings.backend, self.device)
         loaded = LoadedModel(
             name=name,
             network=network,
@@ -209,6 +217,8 @@ class Engine:
             parameters=sum(p.numel() for p in network.parameters()),
             depth=depth,
             dtype=self.dtype,
+            backend=backend,
+            forward=prepare(network, backend, self.device, self.dtype),
             load_seconds=time.perf_counter() - started,
         )
         if self.settings.warmup:
@@ -461,7 +471,7 @@ class Engine:
         try:
             with torch.inference_mode():
                 x = crops.to(self.device, dtype=model.dtype, non_blocking=True)
-                y: torch.Tensor = model.network(x)
+                y: torch.Tensor = model.forward(x)
                 return y.clamp_(0, 1).to("cpu", dtype=torch.float32)
         except torch.OutOfMemoryError as exc:
             if self.device.type == "cuda":

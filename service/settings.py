@@ -9,10 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import torch
 from PIL import Image
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models.backend import BackendUnavailable, resolve_backend
 from models.checkpoints import OFFICIAL_BASE_URL, REGISTRY
 
 ModelName = Literal["x2", "x3", "x4", "AS"]
@@ -40,6 +42,12 @@ class Settings(BaseSettings):
     )
     warmup: bool = True
     torch_threads: int = Field(0, ge=0, description="intra-op threads on the CPU; 0 = PyTorch's")
+    backend: Literal["auto", "eager", "channels_last", "onnxruntime", "openvino"] = Field(
+        "eager",
+        description="how the network runs (models/backend.py, docs/benchmarks.md): 'eager' "
+        "gives the authors' exact outputs; the others agree within 1e-4 and are faster on the "
+        "CPU. 'auto': openvino, else onnxruntime when installed, else channels_last; on CUDA eager",
+    )
 
     # Requests
     max_scale: float = Field(8.0, gt=1.0)
@@ -92,6 +100,15 @@ class Settings(BaseSettings):
         if not v:
             raise ValueError("at least one model must be configured (x2, x3, x4, AS)")
         return list(dict.fromkeys(v))
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_installed(cls, v: str) -> str:
+        try:  # the package check; whether it suits the device is checked at start
+            resolve_backend(v, torch.device("cpu"))
+        except BackendUnavailable as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
     @field_validator("cors_origins")
     @classmethod
