@@ -1,0 +1,171 @@
+"""What every benchmark shares: the machine it ran on, interleaved timing, real images.
+
+Absolute times on a shared 2-core machine swing by 2-4× with whatever else runs, so every
+figure we keep is a ratio of candidates measured side by side: round-robin in one process,
+each candidate once per round (the order rotated each round), repeated, and summarised by
+the minimum (the least-disturbed run) and the median.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("IMDN_SHARED_DIR", REPO.parent / "shared")).resolve()
+WEIGHTS = Path(os.environ.get("IMDN_WEIGHTS_DIR", SHARED / "weights")).resolve()
+DATASETS = SHARED / "datasets"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device | None = None) -> str:
+    """One line that says where and when the figures were taken."""
+    parts = [
+        datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        f"CPU {cpu_model()}, {os.cpu_count()} cores",
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
+        "load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()),
+    ]
+    if device is not None and device.type == "cuda":
+        parts.insert(2, f"GPU {torch.cuda.get_device_name(device)}")
+    return " | ".join(parts)
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+@dataclass(frozen=True)
+class Timing:
+    samples: tuple[float, ...]
+
+    @property
+    def best(self) -> float:
+        return min(self.samples)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    def __str__(self) -> str:
+        return f"min {self.best * 1000:9.1f} ms  median {self.median * 1000:9.1f} ms"
+
+
+def interleaved(
+    candidates: Mapping[str, Callable[[], object]],
+    *,
+    rounds: int,
+    warmup: int = 1,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, Timing]:
+    """Seconds per call of each candidate, measured round-robin in one process."""
+    names = list(candidates)
+    for _ in range(warmup):
+        for name in names:
+            candidates[name]()
+        sync()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            sync()
+            started = time.perf_counter()
+            candidates[name]()
+            sync()
+            samples[name].append(time.perf_counter() - started)
+    return {name: Timing(tuple(s)) for name, s in samples.items()}
+
+
+@dataclass(frozen=True)
+class Bracketed:
+    seconds: tuple[float, ...]  # the candidate's own times
+    ratios: tuple[float, ...]  # reference time (mean of the two around it) / candidate time
+
+
+def bracketed(
+    candidates: Mapping[str, Callable[[], object]],
+    reference: Callable[[], object],
+    *,
+    rounds: int,
+    warmup: int = 1,
+    sync: Callable[[], None] = lambda: None,
+) -> tuple[dict[str, Bracketed], Timing]:
+    """Each candidate call timed between two calls of `reference`: the ratio of the two is
+    steady when the machine's load changes slowly, even when absolute times are not.
+    Returns the candidates' figures and the reference's own timing."""
+
+    def timed(fn: Callable[[], object]) -> float:
+        sync()
+        started = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - started
+
+    names = list(candidates)
+    for _ in range(warmup):
+        reference()
+        for name in names:
+            candidates[name]()
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    ratios: dict[str, list[float]] = {name: [] for name in names}
+    references: list[float] = []
+    for r in range(rounds):
+        before = timed(reference)
+        references.append(before)
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            own = timed(candidates[name])
+            after = timed(reference)
+            seconds[name].append(own)
+            ratios[name].append((before + after) / 2 / own)
+            references.append(after)
+            before = after
+    figures = {n: Bracketed(tuple(seconds[n]), tuple(ratios[n])) for n in names}
+    return figures, Timing(tuple(references))
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between the closest ranks."""
+    return float(np.percentile(np.asarray(values), q))
+
+
+def hr_images(dataset: str) -> list[tuple[str, np.ndarray]]:
+    """(name, H×W×3 uint8) for every HR image of a benchmark set (grey ones as RGB)."""
+    folder = DATASETS / dataset / "HR"
+    if not folder.is_dir():
+        raise SystemExit(f"{folder} is missing: set IMDN_SHARED_DIR to the shared data folder")
+    return [
+        (p.stem, np.asarray(Image.open(p).convert("RGB")))
+        for p in sorted(folder.iterdir())
+        if p.suffix.lower() in (".png", ".bmp")
+    ]
+
+
+def to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """H×W×3 uint8 to a contiguous 1×3×H×W float32 tensor in [0, 1]."""
+    return torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1)[None].contiguous()
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """1×3×H×W float in [0, 1] to H×W×3 uint8, rounded as the authors' script rounds."""
+    out = x[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0)
+    return np.ascontiguousarray(out.cpu().numpy())
