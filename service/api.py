@@ -25,7 +25,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service import imaging
 from service.engine import Engine, EngineError, QueueFull, UpscaleResult
-from service.metrics import Metrics, peak_memory_bytes
+from service.metrics import Metrics
 from service.report import Report, report_markdown
 from service.settings import Settings
 
@@ -313,7 +313,7 @@ async def _superres(
         metrics.observe_encode(encode_s)
         metrics.observe_pixels(model, decoded.width * decoded.height, out_w * out_h)
         inference_s = result.compute_seconds
-        report.record(model, time.perf_counter() - arrived, peak_memory_bytes(engine.device))
+        report.record(model, time.perf_counter() - arrived, result.peak_memory_bytes)
         headers = {
             "Server-Timing": ", ".join(
                 f"{name};dur={seconds * 1000:.1f}"
@@ -391,14 +391,17 @@ def _compose_encode(decoded: Any, result: UpscaleResult, settings: Settings) -> 
 
 
 def _stream(png: bytes, model: str, arrived: float, metrics: Metrics) -> Iterator[bytes]:
-    """Yield the PNG in chunks; record time to first byte and the request when done."""
-    first = True
-    for i in range(0, len(png), STREAM_CHUNK):
-        if first:
-            metrics.observe_time_to_first_byte(model, time.perf_counter() - arrived)
-            first = False
-        yield png[i : i + STREAM_CHUNK]
-    metrics.observe_request(model, 200, "ok", time.perf_counter() - arrived)
+    """Yield the PNG in chunks; record time to first byte, and the request once it ends
+    (a client that leaves mid-body is counted as cancelled)."""
+    status, outcome = 499, "cancelled"
+    try:
+        for i in range(0, len(png), STREAM_CHUNK):
+            if i == 0:
+                metrics.observe_time_to_first_byte(model, time.perf_counter() - arrived)
+            yield png[i : i + STREAM_CHUNK]
+        status, outcome = 200, "ok"
+    finally:
+        metrics.observe_request(model, status, outcome, time.perf_counter() - arrived)
 
 
 # Error handlers: every error is a problem document, never an HTML page or a bare 500

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -96,6 +97,16 @@ class UpscaleResult:
     crops: int
     queue_seconds: float
     compute_seconds: float
+    peak_memory_bytes: int  # the largest batch peak among this request's batches
+
+
+class _Done(NamedTuple):
+    """What a group's future resolves to."""
+
+    outputs: torch.Tensor
+    queue_seconds: float
+    compute_seconds: float
+    peak_memory_bytes: int
 
 
 @dataclass(eq=False)
@@ -105,7 +116,7 @@ class _Group:
     model: str
     crops: torch.Tensor  # (n, 3, h, w), float32, on the CPU
     deadline: float
-    future: asyncio.Future[tuple[torch.Tensor, float, float]]
+    future: asyncio.Future[_Done]
     enqueued: float = field(default_factory=time.perf_counter)
 
     @property
@@ -225,7 +236,7 @@ class Engine:
             started = time.perf_counter()
             side = min(64, math.isqrt(self.settings.tile_max_pixels)) // 4 * 4
             for batch in (1, 4):
-                self._run_batch(loaded, torch.rand(batch, 3, side, side))
+                self._run_batch(loaded, torch.rand(batch, 3, side, side), record=False)
             loaded.warmup_seconds = time.perf_counter() - started
         return loaded
 
@@ -285,7 +296,7 @@ class Engine:
             ) from None
         finally:
             self._drop(groups)
-        outputs = torch.cat([r[0] for r in results])
+        outputs = torch.cat([r.outputs for r in results])
         out = acs.stitch(outputs, plan, scale=model.scale)[
             0, :, : h * model.scale, : w * model.scale
         ]
@@ -293,8 +304,9 @@ class Engine:
             image=out.permute(1, 2, 0).numpy(),
             model=name,
             crops=len(plan.crops),
-            queue_seconds=max(r[1] for r in results),
-            compute_seconds=sum(r[2] for r in results),
+            queue_seconds=max(r.queue_seconds for r in results),
+            compute_seconds=sum(r.compute_seconds for r in results),
+            peak_memory_bytes=max(r.peak_memory_bytes for r in results),
         )
 
     def _enqueue(self, model: str, crops: torch.Tensor, deadline: float) -> list[_Group]:
@@ -368,7 +380,7 @@ class Engine:
             crops = torch.cat([g.crops for g in batch])
             started = time.perf_counter()
             try:
-                outputs, compute = await loop.run_in_executor(
+                outputs, compute, peak = await loop.run_in_executor(
                     self._device_thread, self._run_batch, model, crops
                 )
             except Exception as exc:  # a failed batch fails its requests, not the scheduler
@@ -382,9 +394,8 @@ class Engine:
             for g in batch:
                 n = g.crops.shape[0]
                 if not g.future.done():
-                    g.future.set_result(
-                        (outputs[offset : offset + n], started - g.enqueued, compute)
-                    )
+                    wait = started - g.enqueued
+                    g.future.set_result(_Done(outputs[offset : offset + n], wait, compute, peak))
                 offset += n
 
     def _oldest_key(self) -> tuple[str, int, int] | None:
@@ -413,16 +424,19 @@ class Engine:
         self.metrics.set_queue_depth(self._queued_crops)
         return batch
 
-    def _run_batch(self, model: LoadedModel, crops: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Run one batch on the device (device thread only). Returns outputs on the CPU."""
+    def _run_batch(
+        self, model: LoadedModel, crops: torch.Tensor, *, record: bool = True
+    ) -> tuple[torch.Tensor, float, int]:
+        """Run one batch on the device (device thread only): outputs on the CPU, seconds,
+        and the batch's peak memory. Warm-up passes are not recorded in the metrics."""
         reset_peak_memory(self.device)
         started = time.perf_counter()
         y = self._forward_splitting(model, crops)
         seconds = time.perf_counter() - started
-        self.metrics.observe_batch(
-            model.name, crops.shape[0], seconds, peak_memory_bytes(self.device), self.device.type
-        )
-        return y, seconds
+        peak = peak_memory_bytes(self.device)
+        if record:
+            self.metrics.observe_batch(model.name, crops.shape[0], seconds, peak, self.device.type)
+        return y, seconds, peak
 
     def _forward_splitting(self, model: LoadedModel, crops: torch.Tensor) -> torch.Tensor:
         """Forward a batch; when the device runs out of memory, retry smaller.

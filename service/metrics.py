@@ -9,6 +9,7 @@ a large image on the CPU) and gives the engine and the API small methods to call
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import sys
@@ -234,17 +235,33 @@ def resident_memory_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # kilobytes on Linux/BSD
 
 
+def _peak_resident_bytes() -> int | None:
+    """VmHWM, the resident high-water mark since the last reset (Linux only)."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
 def peak_memory_bytes(device: str | torch.device) -> int:
     """Peak memory since the last `reset_peak_memory`: the CUDA allocator's peak on a
-    CUDA device, the process's resident memory on any other."""
+    CUDA device; on the CPU the process's resident high-water mark (Linux), else its
+    resident memory now."""
     dev = torch.device(device)
     if dev.type == "cuda":
         return int(torch.cuda.max_memory_allocated(dev))
-    return resident_memory_bytes()
+    return _peak_resident_bytes() or resident_memory_bytes()
 
 
 def reset_peak_memory(device: str | torch.device) -> None:
-    """Start a new peak window (per batch) on a CUDA device; nothing to reset elsewhere."""
+    """Start a new peak window (per batch): the CUDA allocator's peak, or on Linux the
+    process's resident high-water mark (writing 5 to /proc/self/clear_refs)."""
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")

@@ -179,14 +179,17 @@ def test_openmetrics_is_served_when_asked_for() -> None:
     assert plain_type.startswith("text/plain") and plain == m.render()[0]
 
 
-def test_resident_memory_grows_with_an_allocation() -> None:
+def test_cpu_peak_is_a_window_reset_per_batch() -> None:
+    reset_peak_memory("cpu")
     before = resident_memory_bytes()
     block = np.ones(64 * 1024 * 1024, dtype=np.uint8)  # 64 MiB, every page touched
-    after = peak_memory_bytes("cpu")
     assert int(block[-1]) == 1
+    del block
+    peak = peak_memory_bytes("cpu")
     assert before > 10 * 1024 * 1024  # a Python process with torch loaded
-    assert after - before >= 48 * 1024 * 1024
-    reset_peak_memory("cpu")  # nothing to reset on the CPU, and no error
+    assert peak - before >= 48 * 1024 * 1024, "the peak saw the freed 64 MiB block"
+    reset_peak_memory("cpu")
+    assert peak_memory_bytes("cpu") < peak - 32 * 1024 * 1024, "the reset started a new window"
 
 
 @pytest.mark.gpu
