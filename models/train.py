@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from models.checkpoints import CheckpointError, load_model, save_state_dict
 from models.data import PatchDataset, build_cache, make_loader
+from models.device import resolve_device
 from models.evaluate import evaluate
 from models.imdn import IMDN, build_model
 
@@ -181,15 +182,6 @@ class TrainResult:
 
 
 # Devices, precision, seeds
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
-    return device
 
 
 def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:

@@ -29,6 +29,7 @@ import torch
 from models import acs
 from models.backend import Forward, prepare, resolve_backend
 from models.checkpoints import REGISTRY, fetch, load_model, load_official
+from models.device import resolve_device
 from models.imdn import IMDN
 from models.profile import conv_depth
 from models.quality import imresize_tensor
@@ -122,15 +123,6 @@ class _Group:
     @property
     def key(self) -> tuple[str, int, int]:
         return (self.model, self.crops.shape[-2], self.crops.shape[-1])
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for, but CUDA is not available here")
-    return device
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
