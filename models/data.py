@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from models.evaluate import IMAGE_SUFFIXES, read_rgb
+from models.evaluate import list_images, match_lr, read_rgb
 from models.quality import imresize, modcrop
 
 CACHE_VERSION = 1  # bump when the way cached arrays are made changes
@@ -49,33 +49,6 @@ class CachedImage:
     name: str
     hr: Path
     lr: tuple[Path, ...]
-
-
-def list_images(folder: Path) -> list[Path]:
-    """The image files of a folder, sorted; an error if there are none or two share a stem."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no such folder: {folder}")
-    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not found:
-        raise FileNotFoundError(f"no images in {folder}")
-    stems = [p.stem for p in found]
-    twice = sorted({s for s in stems if stems.count(s) > 1})
-    if twice:
-        raise ValueError(f"{folder}: several files share the stems {twice[:5]}")
-    return found
-
-
-def match_lr(hr: Path, lr_files: Sequence[Path], scale: int) -> Path:
-    """The LR file of an HR file: same stem, or stem + 'x<s>' (DIV2K's `0001x4.png`)."""
-    stems = {hr.stem, f"{hr.stem}x{scale}"}
-    matches = [p for p in lr_files if p.stem in stems]
-    if len(matches) != 1:
-        what = "no" if not matches else str(len(matches))
-        where = lr_files[0].parent if lr_files else "the LR folder"
-        raise FileNotFoundError(
-            f"{what} LR file for {hr.name} (looked for stems {sorted(stems)}) in {where}"
-        )
-    return matches[0]
 
 
 def bicubic_lr(hr: Image8, scale: int) -> Image8:

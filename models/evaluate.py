@@ -11,7 +11,7 @@ with nothing shaved.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,24 +84,29 @@ def read_rgb(path: Path) -> Image8:
         return np.array(img.convert("RGB"), dtype=np.uint8)  # a writable copy
 
 
-def _images(folder: Path) -> list[Path]:
+def list_images(folder: Path) -> list[Path]:
+    """The image files of a folder, sorted; an error if there are none or two share a stem."""
     if not folder.is_dir():
         raise FileNotFoundError(f"no such folder: {folder}")
     found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not found:
         raise FileNotFoundError(f"no images in {folder}")
+    stems = [p.stem for p in found]
+    twice = sorted({s for s in stems if stems.count(s) > 1})
+    if twice:
+        raise ValueError(f"{folder}: several files share the stems {twice[:5]}")
     return found
 
 
-def _match_lr(hr: Path, lr_files: list[Path], scale: int) -> Path:
-    """The LR file for an HR file: same stem, or stem + 'x<s>' (Set5's `babyx2.bmp`)."""
+def match_lr(hr: Path, lr_files: Sequence[Path], scale: int) -> Path:
+    """The LR file of an HR file: same stem, or stem + 'x<s>' (Set5's `babyx2.bmp`)."""
     stems = {hr.stem, f"{hr.stem}x{scale}"}
     matches = [p for p in lr_files if p.stem in stems]
     if len(matches) != 1:
-        what = "no" if not matches else f"{len(matches)}"
+        what = "no" if not matches else str(len(matches))
+        where = lr_files[0].parent if lr_files else "the LR folder"
         raise FileNotFoundError(
-            f"{what} LR file for {hr.name} (looked for stems {sorted(stems)}) in "
-            f"{lr_files[0].parent}"
+            f"{what} LR file for {hr.name} (looked for stems {sorted(stems)}) in {where}"
         )
     return matches[0]
 
@@ -129,13 +134,13 @@ def _pairs(
     hr_paths: list[Path], lr_dir: Path | None, scale: int, round_each_pass: bool
 ) -> Iterator[tuple[str, Image8, Image8]]:
     """(name, HR, LR) per HR file, read one at a time: HR cropped to a multiple of `scale`."""
-    lr_files = _images(lr_dir) if lr_dir is not None else []
+    lr_files = list_images(lr_dir) if lr_dir is not None else []
     for hr_path in hr_paths:
         hr = modcrop(read_rgb(hr_path), scale)
         if lr_dir is None:
             lr = imresize(hr, scale=1.0 / scale, round_each_pass=round_each_pass)
         else:
-            lr = read_rgb(_match_lr(hr_path, lr_files, scale))
+            lr = read_rgb(match_lr(hr_path, lr_files, scale))
         expected = (hr.shape[0] // scale, hr.shape[1] // scale)
         if lr.shape[:2] != expected:
             raise ValueError(
@@ -189,7 +194,7 @@ def evaluate(
     was_training = model.training
     model.eval().to(dev)
     try:
-        hr_paths = _images(hr_dir)
+        hr_paths = list_images(hr_dir)
         pairs = _pairs(hr_paths, lr_dir, net_scale, lr_round_each_pass)
         bar = tqdm(
             pairs,

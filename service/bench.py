@@ -25,7 +25,7 @@ import numpy.typing as npt
 import torch
 from tqdm import tqdm
 
-from models.evaluate import IMAGE_SUFFIXES, read_rgb
+from models.evaluate import list_images, read_rgb
 from models.quality import imresize, modcrop
 from service.engine import Engine, model_for_scale
 from service.metrics import Metrics, reset_peak_memory
@@ -140,15 +140,6 @@ def dataset_name(folder: Path) -> str:
     return folder.parent.name if folder.name.upper() == "HR" and folder.parent.name else folder.name
 
 
-def hr_images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no such folder: {folder}")
-    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not found:
-        raise FileNotFoundError(f"no images in {folder}")
-    return found
-
-
 def lr_from_hr(hr: Image8, scale: float) -> Image8:
     """The benchmark LR: MATLAB bicubic of the HR cropped to a multiple of the scale
     (integer scales, the paper's protocol), or resized to round(H/s) x round(W/s)."""
@@ -202,7 +193,7 @@ async def run_bench(
     names = [dataset_name(d) for d in hr_dirs]
     if len(set(names)) != len(names):
         raise ValueError(f"two folders have the same data set name: {names}")
-    files = {name: hr_images(d) for name, d in zip(names, hr_dirs, strict=True)}
+    files = {name: list_images(d) for name, d in zip(names, hr_dirs, strict=True)}
 
     recorder = _PeakRecorder()
     engine = Engine(settings, recorder)

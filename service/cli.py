@@ -24,11 +24,10 @@ from models.checkpoints import (
     load_model,
     load_official,
 )
+from models.evaluate import IMAGE_SUFFIXES
 from models.imdn import build_model
 from models.profile import profile
 from service.report import markdown_table
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def _default_weights_dir() -> Path:
