@@ -1,0 +1,170 @@
+"""Benchmark 2: time per image of our model path against the authors' plain eager forward of
+the same weights, on Set5 and Set14 at ×2, ×3 and ×4, with equal outputs.
+
+    python -m bench.model_vs_authors [--rounds 2] [--backends channels_last openvino]
+                                     [--sets Set5 Set14] [--scales 2 3 4]
+
+LR images are made from the HR ones by MATLAB-style bicubic (`models.quality.imresize`,
+HR cropped to a multiple of the scale), the paper's protocol. The authors' path is their
+test script's: `torch.no_grad()`, contiguous NCHW float32, `model(x)`. Ours is
+`models.backend.prepare(model, backend, ...)`, the function the service's engine calls.
+Each of our calls is timed between two calls of the authors' path on the same image
+(bench.common.bracketed); the speed-up of a set is the geometric mean over its images of
+the median ratio. Outputs must agree within 1e-4 (max |difference|), and the PSNR
+(Y, border = scale) is printed for both.
+
+On a CUDA device (`--device cuda`, or found), the second half runs: the authors' float32
+eager forward against ours in float16 (eager and channels_last), PSNR within 0.02 dB.
+Without CUDA it says so and skips.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import statistics
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from bench.common import (
+    WEIGHTS,
+    bracketed,
+    hr_images,
+    machine,
+    synchronizer,
+    to_tensor,
+    to_uint8,
+)
+from models.backend import installed, prepare
+from models.checkpoints import load_official
+from models.imdn import IMDN
+from models.quality import imresize, modcrop, psnr, rgb_to_y
+
+CPU_TOLERANCE = 1e-4
+GPU_PSNR_TOLERANCE_DB = 0.02
+
+
+def _lr_hr(hr: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
+    hr = modcrop(hr, scale)
+    return imresize(hr, scale=1 / scale), hr
+
+
+def _psnr(sr: torch.Tensor, hr: np.ndarray, scale: int) -> float:
+    return psnr(rgb_to_y(to_uint8(sr)), rgb_to_y(hr), border=scale)
+
+
+def _authors(model: IMDN, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            y: torch.Tensor = model(x.contiguous())
+            return y
+
+    return forward
+
+
+def run(
+    device: torch.device,
+    sets: list[str],
+    scales: list[int],
+    ours: dict[str, tuple[str, torch.dtype]],  # label -> (backend, dtype)
+    rounds: int,
+) -> bool:
+    """Print a table for `device`; True when every output agrees with the authors'."""
+    sync = synchronizer(device)
+    ok = True
+    header = f"{'set':6s} {'x':>2s} {'authors ms':>10s} "
+    header += " ".join(f"{label + ' ms':>18s} {'speed-up':>8s}" for label in ours)
+    header += f" {'PSNR authors':>12s} " + " ".join(f"{'PSNR ' + label:>18s}" for label in ours)
+    header += f" {'max |diff|':>10s}"
+    print(header)
+    for scale in scales:
+        reference = load_official(f"x{scale}", WEIGHTS).to(device).eval()
+        authors = _authors(reference, device)
+        forwards = {
+            label: prepare(reference, backend, device, dtype)
+            for label, (backend, dtype) in ours.items()
+        }
+        for dataset in sets:
+            own_ms: dict[str, list[float]] = {label: [] for label in ours}
+            log_speedups: dict[str, list[float]] = {label: [] for label in ours}
+            psnrs: dict[str, list[float]] = {"authors": [], **{label: [] for label in ours}}
+            authors_ms: list[float] = []
+            worst = 0.0
+            for _name, hr_full in hr_images(dataset):
+                lr, hr = _lr_hr(hr_full, scale)
+                x = to_tensor(lr).to(device)
+                expected = authors(x).float()
+                psnrs["authors"].append(_psnr(expected, hr, scale))
+                candidates: dict[str, Callable[[], object]] = {}
+                for label, forward in forwards.items():
+                    dtype = ours[label][1]
+                    got = forward(x.to(dtype)).float()
+                    psnrs[label].append(_psnr(got, hr, scale))
+                    if dtype == torch.float32:
+                        worst = max(worst, (got - expected).abs().max().item())
+                    candidates[label] = functools.partial(forward, x.to(dtype))
+                figures, ref = bracketed(
+                    candidates, functools.partial(authors, x), rounds=rounds, warmup=0, sync=sync
+                )
+                authors_ms.append(ref.best * 1000)
+                for label, fig in figures.items():
+                    own_ms[label].append(min(fig.seconds) * 1000)
+                    log_speedups[label].append(math.log(statistics.median(fig.ratios)))
+            row = f"{dataset:6s} {scale:2d} {statistics.mean(authors_ms):10.1f} "
+            row += " ".join(
+                f"{statistics.mean(own_ms[label]):18.1f} "
+                f"{math.exp(statistics.mean(log_speedups[label])):7.2f}x"
+                for label in ours
+            )
+            authors_psnr = statistics.mean(psnrs["authors"])
+            row += f" {authors_psnr:12.3f} " + " ".join(
+                f"{statistics.mean(psnrs[label]):18.3f}" for label in ours
+            )
+            row += f" {worst:10.1e}" if worst else f" {'-':>10s}"
+            print(row, flush=True)
+            ok &= worst <= CPU_TOLERANCE
+            for label, (_, dtype) in ours.items():
+                if dtype != torch.float32:
+                    ok &= abs(statistics.mean(psnrs[label]) - authors_psnr) <= GPU_PSNR_TOLERANCE_DB
+    print(
+        "times: mean over the set of each image's fastest call; speed-up: geometric mean "
+        "over images of the median (authors' time / ours), timed side by side"
+    )
+    return ok
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--sets", nargs="+", default=["Set5", "Set14"])
+    parser.add_argument("--scales", nargs="+", type=int, default=[2, 3, 4])
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["channels_last"] + (["openvino"] if installed("openvino") else []),
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto: both when CUDA is")
+    args = parser.parse_args(argv)
+    devices = [torch.device("cpu")] if args.device in ("auto", "cpu") else []
+    if args.device in ("auto", "cuda"):
+        if torch.cuda.is_available():
+            devices.append(torch.device("cuda"))
+        else:
+            print("no CUDA device here: the GPU half (float16 vs the authors' float32) is skipped")
+    ok = True
+    for device in devices:
+        print(f"\n{machine(device)}\ndevice {device}")
+        if device.type == "cpu":
+            ours = {b: (b, torch.float32) for b in args.backends if installed(b)}
+        else:
+            ours = {f"{b}_fp16": (b, torch.float16) for b in ("eager", "channels_last")}
+        ok &= run(device, args.sets, args.scales, ours, args.rounds)
+    print("outputs agree" if ok else "OUTPUTS DIFFER beyond tolerance")
+    raise SystemExit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
