@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from service import imaging
 from service.engine import Engine, EngineError, QueueFull, UpscaleResult
@@ -351,6 +352,10 @@ async def _superres(
         outcome = {504: "timeout", 503: "rejected"}.get(exc.status, "client_error")
         metrics.count_error(exc.reason)
         raise ProblemError(exc.status, exc.reason, str(exc)) from exc
+    except ClientDisconnect:  # gone mid-upload, or while its image was in the engine
+        status, outcome = 499, "cancelled"
+        metrics.count_error("client_disconnected")
+        return Response(status_code=499)  # nobody reads it; uvicorn drops it
     except asyncio.CancelledError:
         status, outcome = 499, "cancelled"
         metrics.count_error("client_disconnected")
@@ -377,6 +382,10 @@ async def _upscale_watching_disconnect(
     watcher = asyncio.ensure_future(watch())
     try:
         return await work
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():  # the watcher cancelled the work
+            raise ClientDisconnect() from None
+        raise
     finally:
         watcher.cancel()
 
