@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -73,7 +74,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         workers=1,  # one process owns the device; scale out with more processes
         timeout_graceful_shutdown=int(settings.request_timeout_s),
     )
-    DrainingServer(config, drain=app.state.engine.drain).run()
+    # uvicorn re-raises the signal it drained on once it is done; a drained SIGTERM is a
+    # clean stop, so let that re-raise land on a no-op and exit 0
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        DrainingServer(config, drain=app.state.engine.drain).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

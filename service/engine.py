@@ -69,6 +69,14 @@ class DeadlineExceeded(EngineError):
     reason = "deadline_exceeded"
 
 
+class DeviceOutOfMemory(EngineError):
+    """The device, or the configured memory budget, cannot hold a batch: retried smaller
+    inside the engine, and a 503 only when even the smallest tile does not fit."""
+
+    status = 503
+    reason = "device_out_of_memory"
+
+
 class NotReady(EngineError):
     status = 503
     reason = "not_ready"
@@ -485,8 +493,6 @@ class Engine:
             raise DeviceOutOfMemory(str(exc)) from exc
 
 
-class DeviceOutOfMemory(RuntimeError):
-    """The device, or the configured memory budget, cannot hold a batch."""
 
 
 def activation_bytes(model: LoadedModel, shape: torch.Size | tuple[int, ...]) -> int:

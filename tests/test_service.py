@@ -125,7 +125,11 @@ def test_any_scale_beats_bicubic(client: httpx.Client, datasets_dir: Path, scale
 
 def test_multipart_upload(client: httpx.Client, datasets_dir: Path) -> None:
     lr_path = datasets_dir / "Set5" / "LR_bicubic" / "x4" / "headx4.bmp"
-    r = client.post("/v1/superres", params={"scale": 4}, files={"image": ("h.bmp", lr_path.read_bytes(), "image/bmp")})
+    r = client.post(
+        "/v1/superres",
+        params={"scale": 4},
+        files={"image": ("h.bmp", lr_path.read_bytes(), "image/bmp")},
+    )
     assert r.status_code == 200, r.text
     lr = rgb(lr_path)
     assert read_png(r.content).shape == (lr.shape[0] * 4, lr.shape[1] * 4, 3)
@@ -276,3 +280,21 @@ def test_serves_a_checkpoint_of_our_own(
 def test_settings_refuse_a_missing_checkpoint_of_our_own(weights_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="do not exist"):
         Settings(weights_dir=weights_dir, models=["x2"], checkpoints={"x2": tmp_path / "no.pth"})
+
+
+def test_out_of_memory_even_for_the_smallest_tile_is_a_503(
+    weights_dir: Path, datasets_dir: Path
+) -> None:
+    """A memory budget that holds a 64×64 crop but no 96×96 one: a 96×96 image cannot be
+    tiled small enough (tiles keep 32 px of context), so the client gets a clear 503."""
+    settings = Settings(
+        weights_dir=weights_dir, models=["x2"], device_memory_budget_bytes=15_000_000
+    )
+    lr = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x2" / "birdx2.bmp")
+    with live_server(settings) as srv, httpx.Client(base_url=srv.url, timeout=120) as c:
+        r = c.post("/v1/superres?scale=2", content=png_of(lr[:96, :96]))
+        assert r.status_code == 503, r.text
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["reason"] == "device_out_of_memory"
+        small = c.post("/v1/superres?scale=2", content=png_of(lr[:64, :64]))
+        assert small.status_code == 200
