@@ -120,7 +120,6 @@ def main(argv: list[str] | None = None) -> None:
 
         return run
 
-
     reference = outputs["eager"]()
     for name, run in outputs.items():
         err = (run() - reference).abs().max().item()
