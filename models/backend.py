@@ -16,7 +16,8 @@ every one takes any batch size and any height and width, as the service's crops 
   outputs by ~1e-2; we pin f32). Needs the ``openvino`` extra.
 
 `torch.compile` and TorchScript freezing were measured and left out: on this CPU neither
-beat ``channels_last``, and compile took a minute per new input shape (docs/benchmarks.md).
+came near OpenVINO, TorchScript was slower than eager, and compile took 23-65 s for each
+new input shape (docs/benchmarks.md).
 The choice is the service's `IMDN_BACKEND`; ``auto`` resolves by `resolve_backend`.
 """
 
