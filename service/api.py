@@ -12,7 +12,7 @@ import hmac
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Collection, Iterator
 from http import HTTPStatus
 from typing import Annotated, Any
 
@@ -25,7 +25,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from service import imaging
-from service.engine import Engine, EngineError, QueueFull, UpscaleResult
+from service.engine import FIXED_SCALES, Engine, EngineError, QueueFull, UpscaleResult
 from service.metrics import Metrics
 from service.report import Report, report_markdown
 from service.settings import Settings
@@ -35,6 +35,36 @@ log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
 STREAM_CHUNK = 64 * 1024
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/tiff")
+# what an upload may be labelled (imaging.decode): the bytes decide the format
+UPLOAD_TYPES = (*IMAGE_TYPES, "application/octet-stream")
+UPLOAD_SCHEMA = {"type": "string", "format": "binary", "minLength": 1}
+PROBLEM_SCHEMA = {
+    "type": "object",
+    "required": ["type", "title", "status", "reason", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "reason": {"type": "string"},
+        "detail": {},
+    },
+}
+
+
+def problem_response(description: str) -> dict[str, Any]:
+    """An OpenAPI response entry for a problem document."""
+    return {"description": description, "content": {PROBLEM: {"schema": PROBLEM_SCHEMA}}}
+
+
+READY_SCHEMA = {
+    "type": "object",
+    "required": ["status", "models"],
+    "properties": {
+        "status": {"const": "ready"},
+        "models": {"type": "array", "items": {"type": "string"}},
+    },
+}
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {401: problem_response("missing or wrong API key")}
 
 
 class ProblemError(Exception):
@@ -172,13 +202,26 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_error)
-    app.include_router(_router())
+    # a bare app (listing the routes) has no settings: document the defaults
+    settings = getattr(app.state, "settings", None) or Settings.model_construct()
+    app.include_router(_router(served_scales(settings.max_scale, settings.models)))
 
 
-def _router() -> APIRouter:
+def served_scales(max_scale: float, models: Collection[str]) -> dict[str, Any]:
+    """JSON Schema of the scales a server with `models` answers: (1, max_scale] with IMDN_AS,
+    less the integer scales whose fixed network is not loaded; without IMDN_AS only those."""
+    fixed = {scale: name for scale, name in FIXED_SCALES.items() if scale <= max_scale}
+    if "AS" not in models:
+        return {"enum": [scale for scale, name in fixed.items() if name in models]}
+    unserved = [scale for scale, name in fixed.items() if name not in models]
+    schema: dict[str, Any] = {"exclusiveMinimum": 1, "maximum": max_scale}
+    return {**schema, "not": {"enum": unserved}} if unserved else schema
+
+
+def _router(scales: dict[str, Any]) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/healthz", tags=["ops"], dependencies=OpsAuthorized)
+    @router.get("/healthz", tags=["ops"], dependencies=OpsAuthorized, responses=UNAUTHORIZED)
     async def healthz() -> dict[str, str]:
         """The process is up (liveness)."""
         return {"status": "ok"}
@@ -187,7 +230,11 @@ def _router() -> APIRouter:
         "/readyz",
         tags=["ops"],
         dependencies=OpsAuthorized,
-        responses={503: {"description": "models not warm yet"}},
+        responses={
+            200: {"content": {"application/json": {"schema": READY_SCHEMA}}},
+            503: problem_response("models not warm yet, or the server is stopping"),
+            **UNAUTHORIZED,
+        },
     )
     async def readyz(engine: EngineDep) -> Response:
         """200 once every model is loaded and warm (readiness)."""
@@ -196,14 +243,28 @@ def _router() -> APIRouter:
         return JSONResponse({"status": "ready", "models": list(engine.models)})
 
     @router.get(
-        "/metrics", tags=["ops"], dependencies=OpsAuthorized, response_class=PlainTextResponse
+        "/metrics",
+        tags=["ops"],
+        dependencies=OpsAuthorized,
+        response_class=PlainTextResponse,
+        responses={
+            200: {
+                "description": "the classic text format, or OpenMetrics when the Accept "
+                "header asks for it",
+                "content": {
+                    "text/plain": {"schema": {"type": "string"}},
+                    "application/openmetrics-text": {"schema": {"type": "string"}},
+                },
+            },
+            **UNAUTHORIZED,
+        },
     )
     async def metrics_route(request: Request, metrics: MetricsDep) -> Response:
         """Prometheus exposition."""
         body, content_type = metrics.render(request.headers.get("accept"))
         return Response(body, media_type=content_type)
 
-    @router.get("/v1/models", tags=["models"], dependencies=Authorized)
+    @router.get("/v1/models", tags=["models"], dependencies=Authorized, responses=UNAUTHORIZED)
     async def list_models(engine: EngineDep) -> dict[str, list[dict[str, Any]]]:
         """The loaded models: scale, parameters, depth, device and precision."""
         return {
@@ -221,7 +282,21 @@ def _router() -> APIRouter:
             ]
         }
 
-    @router.get("/v1/report", tags=["models"], dependencies=Authorized)
+    @router.get(
+        "/v1/report",
+        tags=["models"],
+        dependencies=Authorized,
+        responses={
+            200: {
+                "description": "JSON, or a Markdown table when the Accept header asks for it",
+                "content": {
+                    "application/json": {"schema": {"type": "object"}},
+                    "text/markdown": {"schema": {"type": "string"}},
+                },
+            },
+            **UNAUTHORIZED,
+        },
+    )
     async def report_route(request: Request, engine: EngineDep, report: ReportDep) -> Response:
         """Table 6 of the paper, live: time per image and peak memory per model."""
         rows = report.rows((m.name, m.parameters, m.depth) for m in engine.models.values())
@@ -237,13 +312,13 @@ def _router() -> APIRouter:
         responses={
             200: {"content": {"image/png": {}}, "description": "the super-resolved PNG"},
             **{
-                code: {"content": {PROBLEM: {}}, "description": text}
+                code: problem_response(text)
                 for code, text in (
                     (400, "undecodable image"),
                     (401, "missing or wrong API key"),
                     (413, "body, input or output too large"),
                     (415, "unsupported image type"),
-                    (422, "bad scale or missing field"),
+                    (422, "bad scale, a scale whose model is not loaded, or missing field"),
                     (429, "queue full: retry after Retry-After seconds"),
                     (503, "not ready"),
                     (504, "deadline exceeded"),
@@ -254,13 +329,14 @@ def _router() -> APIRouter:
             "requestBody": {
                 "required": True,
                 "content": {
-                    **{t: {"schema": {"type": "string", "format": "binary"}} for t in IMAGE_TYPES},
+                    **{t: {"schema": UPLOAD_SCHEMA} for t in UPLOAD_TYPES},
                     "multipart/form-data": {
                         "schema": {
                             "type": "object",
                             "required": ["image"],
-                            "properties": {"image": {"type": "string", "format": "binary"}},
-                        }
+                            "properties": {"image": UPLOAD_SCHEMA},
+                        },
+                        "encoding": {"image": {"contentType": ", ".join(UPLOAD_TYPES)}},
                     },
                 },
             }
@@ -272,7 +348,13 @@ def _router() -> APIRouter:
         metrics: MetricsDep,
         settings: SettingsDep,
         report: ReportDep,
-        scale: Annotated[float, Query(description="output / input size, in (1, max_scale]")],
+        # a default, not Annotated: the schema comes from the settings, and a string
+        # annotation (PEP 563) could not see this closure's `scales`
+        scale: float = Query(
+            description="output / input size, in (1, max_scale]; 2, 3 and 4 need their "
+            "fixed-scale model loaded, any other scale IMDN_AS",
+            json_schema_extra=scales,
+        ),
     ) -> Response:
         """Super-resolve one image by `scale`; the answer is a PNG."""
         return await _superres(request, engine, metrics, settings, report, scale)
