@@ -168,11 +168,15 @@ class Engine:
 
     async def start(self) -> None:
         """Load every configured model, warm it up, then start serving."""
+        loop = asyncio.get_running_loop()
         if self.settings.torch_threads and self.device.type == "cpu":
-            torch.set_num_threads(self.settings.torch_threads)
+            # in the device thread, which runs every forward (it also becomes the default
+            # of threads started later: torch's thread count is process-wide state)
+            await loop.run_in_executor(
+                self._device_thread, torch.set_num_threads, self.settings.torch_threads
+            )
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        loop = asyncio.get_running_loop()
         for name in self.settings.models:
             self.models[name] = await loop.run_in_executor(self._device_thread, self._load, name)
             m = self.models[name]
@@ -491,8 +495,6 @@ class Engine:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             raise DeviceOutOfMemory(str(exc)) from exc
-
-
 
 
 def activation_bytes(model: LoadedModel, shape: torch.Size | tuple[int, ...]) -> int:

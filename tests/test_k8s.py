@@ -565,7 +565,6 @@ def test_hpa_query_on_a_real_prometheus_scraping_two_servers(
         weights_dir=weights_dir,
         models=["x2"],
         device="cpu",
-        torch_threads=1,
         max_batch_size=16,
         max_batch_wait_ms=HOLD_MS,
     )
