@@ -372,14 +372,23 @@ def stitch(outputs: torch.Tensor, plan: CropPlan, *, scale: int) -> torch.Tensor
         )
     per_image = outputs.view(total // n, n, c, oh, ow)
     result = outputs.new_empty(total // n, c, plan.height * scale, plan.width * scale)
-    s = scale
-    for i, cr in enumerate(plan.crops):
-        top, bottom = (cr.keep_top - cr.top) * s, (cr.keep_bottom - cr.top) * s
-        left, right = (cr.keep_left - cr.left) * s, (cr.keep_right - cr.left) * s
-        result[:, :, cr.keep_top * s : cr.keep_bottom * s, cr.keep_left * s : cr.keep_right * s] = (
-            per_image[:, i, :, top:bottom, left:right]
-        )
+    for i in range(n):
+        paste(result, per_image[:, i], plan, i, scale=scale)
     return result
+
+
+def paste(
+    result: torch.Tensor, output: torch.Tensor, plan: CropPlan, index: int, *, scale: int
+) -> None:
+    """Write crop `index`'s keep region from its network output (B, C, crop_h·s, crop_w·s)
+    into `result` (B, C, H·s, W·s): stitching one crop at a time, as its batch finishes,
+    never holds all the crops' outputs at once."""
+    cr, s = plan.crops[index], scale
+    top, bottom = (cr.keep_top - cr.top) * s, (cr.keep_bottom - cr.top) * s
+    left, right = (cr.keep_left - cr.left) * s, (cr.keep_right - cr.left) * s
+    result[:, :, cr.keep_top * s : cr.keep_bottom * s, cr.keep_left * s : cr.keep_right * s] = (
+        output[:, :, top:bottom, left:right]
+    )
 
 
 def run_plan(

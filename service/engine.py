@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,9 +110,8 @@ class UpscaleResult:
 
 
 class _Done(NamedTuple):
-    """What a group's future resolves to."""
+    """What a group's future resolves to (its outputs are already pasted)."""
 
-    outputs: torch.Tensor
     queue_seconds: float
     compute_seconds: float
     peak_memory_bytes: int
@@ -126,6 +125,7 @@ class _Group:
     crops: torch.Tensor  # (n, 3, h, w), float32, on the CPU
     deadline: float
     future: asyncio.Future[_Done]
+    paste: Callable[[torch.Tensor], None]  # writes the outputs into the request's image
     enqueued: float = field(default_factory=time.perf_counter)
 
     @property
@@ -288,7 +288,17 @@ class Engine:
         x = acs.pad_to_multiple(x, model.size_multiple)[0] if min(h, w) < model.size_multiple else x
         plan = self.plan(model, *x.shape[-2:])
         crops = acs.extract(x, plan)
-        groups = self._enqueue(name, crops, deadline)
+        s = model.scale
+        canvas = torch.empty(1, 3, plan.height * s, plan.width * s)
+
+        def paster(first: int) -> Callable[[torch.Tensor], None]:
+            def paste(outputs: torch.Tensor) -> None:
+                for j in range(outputs.shape[0]):
+                    acs.paste(canvas, outputs[j : j + 1], plan, first + j, scale=s)
+
+            return paste
+
+        groups = self._enqueue(name, crops, deadline, paster)
         try:
             results = await asyncio.wait_for(
                 asyncio.gather(*(g.future for g in groups)),
@@ -300,10 +310,7 @@ class Engine:
             ) from None
         finally:
             self._drop(groups)
-        outputs = torch.cat([r.outputs for r in results])
-        out = acs.stitch(outputs, plan, scale=model.scale)[
-            0, :, : h * model.scale, : w * model.scale
-        ]
+        out = canvas[0, :, : h * s, : w * s]
         return UpscaleResult(
             image=out.permute(1, 2, 0).numpy(),
             model=name,
@@ -313,7 +320,15 @@ class Engine:
             peak_memory_bytes=max(r.peak_memory_bytes for r in results),
         )
 
-    def _enqueue(self, model: str, crops: torch.Tensor, deadline: float) -> list[_Group]:
+    def _enqueue(
+        self,
+        model: str,
+        crops: torch.Tensor,
+        deadline: float,
+        paster: Callable[[int], Callable[[torch.Tensor], None]],
+    ) -> list[_Group]:
+        """Queue a request's crops in groups of at most a batch; `paster(i)` pastes the
+        outputs of the group starting at crop i."""
         n = crops.shape[0]
         limit = self.settings.max_queue_crops
         if self._queued_crops + n > limit and self._queued_crops > 0:
@@ -324,7 +339,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         step = self.settings.max_batch_size
         groups = [
-            _Group(model, crops[i : i + step], deadline, loop.create_future())
+            _Group(model, crops[i : i + step], deadline, loop.create_future(), paster(i))
             for i in range(0, n, step)
         ]
         for g in groups:
@@ -399,7 +414,8 @@ class Engine:
                 n = g.crops.shape[0]
                 if not g.future.done():
                     wait = started - g.enqueued
-                    g.future.set_result(_Done(outputs[offset : offset + n], wait, compute, peak))
+                    g.paste(outputs[offset : offset + n])  # stitched now: no copy kept
+                    g.future.set_result(_Done(wait, compute, peak))
                 offset += n
 
     def _oldest_key(self) -> tuple[str, int, int] | None:
