@@ -111,3 +111,24 @@ def test_missing_package_says_which_extra(monkeypatch: pytest.MonkeyPatch) -> No
     )
     with pytest.raises(BackendUnavailable, match=r"imdn-serve\[openvino\]"):
         resolve_backend("openvino", CPU)
+
+
+def test_settings_refuse_a_backend_that_is_not_installed(
+    monkeypatch: pytest.MonkeyPatch, weights_dir: Path
+) -> None:
+    import importlib.util
+
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "onnxruntime" else real(name, *a),
+    )
+    monkeypatch.delenv("IMDN_BACKEND", raising=False)
+    with pytest.raises(ValidationError, match=r"imdn-serve\[onnx\]"):
+        Settings(weights_dir=weights_dir, backend="onnxruntime")
+    assert Settings(weights_dir=weights_dir).backend == "eager"
