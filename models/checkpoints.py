@@ -253,7 +253,7 @@ def save_state_dict(model: IMDN, path: Path | str) -> None:
     """Export in the official layout (keys as the authors name them) so any IMDN tool loads it."""
     ours_to_official = {canonical_key(k): k for k in official_keys(model)}
     state = {ours_to_official[k]: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(Path(path), lambda f: torch.save(state, f))
+    atomic_write(Path(path), lambda f: torch.save(state, f))
 
 
 def official_keys(model: IMDN) -> Iterable[str]:
@@ -267,7 +267,7 @@ def official_keys(model: IMDN) -> Iterable[str]:
     return [f"{c}.{p}" for c in convs for p in ("weight", "bias")]
 
 
-def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], object]) -> None:
+def atomic_write(path: Path, write: Callable[[io.BufferedWriter], object]) -> None:
     """Write through a temporary file in the same folder, so no half-written file is left."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
@@ -315,5 +315,5 @@ def fetch(
                 f"{spec.sha256}; nothing was written"
             )
 
-    _atomic_write(target, write)
+    atomic_write(target, write)
     return target

@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from models.checkpoints import atomic_write
 from models.evaluate import list_images, match_lr, read_rgb
 from models.quality import imresize, modcrop
 
@@ -74,15 +73,8 @@ def _cache_path(cache_dir: Path, stem: str, role: str, key: list[Any]) -> Path:
 
 
 def _save_npy(path: Path, array: Image8) -> None:
-    """Write through a temporary file and rename, so a reader never sees half an array."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, np.ascontiguousarray(array))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """A reader never sees half an array: written through a temporary file and renamed."""
+    atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(array)))
 
 
 def _cache_one(

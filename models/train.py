@@ -21,7 +21,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from torch.optim import Adam
 from torch.optim.lr_scheduler import StepLR
 from tqdm import tqdm
 
-from models.checkpoints import CheckpointError, load_model, save_state_dict
+from models.checkpoints import CheckpointError, atomic_write, load_model, save_state_dict
 from models.data import PatchDataset, build_cache, make_loader
 from models.device import resolve_device
 from models.evaluate import evaluate
@@ -256,15 +255,7 @@ def _as_tuples(value: Any) -> Any:
 
 
 def _atomic_save(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_training_state(path: Path) -> dict[str, Any]:
