@@ -369,10 +369,6 @@ class Engine:
         batches = self._queued_crops / self.settings.max_batch_size
         return max(1.0, math.ceil(per_batch * batches))
 
-    @property
-    def queued_crops(self) -> int:
-        return self._queued_crops
-
     # The scheduler: one batch at a time on the device thread
 
     async def _schedule(self) -> None:
