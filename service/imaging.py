@@ -588,31 +588,41 @@ def _resize_alpha(alpha: np.ndarray, height: int, width: int) -> np.ndarray:
     return clipped
 
 
+# pixels quantised at a time: compose's float temporaries stay ~3 MB, not 12 B a pixel
+COMPOSE_BAND_PIXELS = 1 << 18
+
+
 def compose(decoded: DecodedImage, rgb_out: np.ndarray) -> np.ndarray:
     """The output pixels at `rgb_out`'s size, in the input's kind and depth.
 
     `rgb_out` is the network's H'xW'x3 float output in [0, 1]. Returns uint8 or uint16
     (`decoded.bits`), H'xW'xC with C = 1 grey, 2 grey + alpha, 3 RGB, 4 RGBA: grey inputs
     come back grey (BT.601 luma of the three planes), alpha is resized on its own
-    (bicubic, clipped) and re-attached.
+    (bicubic, clipped) and re-attached. Quantised a band of rows at a time, straight
+    into the result, so a large output costs its uint8 pixels and little more.
     """
     if rgb_out.ndim != 3 or rgb_out.shape[2] != 3 or rgb_out.dtype.kind != "f":
         raise ValueError(f"rgb_out must be float HxWx3, got {rgb_out.dtype} {rgb_out.shape}")
     if not np.isfinite(np.sum(rgb_out, dtype=np.float64)):
         raise ValueError("rgb_out holds NaN or infinite values")
     height, width = int(rgb_out.shape[0]), int(rgb_out.shape[1])
-    rgb = rgb_out.astype(np.float32, copy=False)
-    if decoded.grey:
-        luma = rgb[..., 0] * np.float32(0.299)
-        luma += rgb[..., 1] * np.float32(0.587)
-        luma += rgb[..., 2] * np.float32(0.114)
-        colour = _quantise(luma, decoded.bits)[..., None]
-    else:
-        colour = _quantise(rgb, decoded.bits)
-    if decoded.alpha is None:
-        return colour
-    alpha = _quantise(_resize_alpha(decoded.alpha, height, width), decoded.bits)
-    return np.concatenate([colour, alpha[..., None]], axis=2)
+    alpha = None if decoded.alpha is None else _resize_alpha(decoded.alpha, height, width)
+    channels = (1 if decoded.grey else 3) + (alpha is not None)
+    out = np.empty((height, width, channels), np.uint16 if decoded.bits == 16 else np.uint8)
+    rows = max(1, COMPOSE_BAND_PIXELS // width)
+    for top in range(0, height, rows):
+        band = slice(top, top + rows)
+        rgb = rgb_out[band].astype(np.float32, copy=False)
+        if decoded.grey:
+            luma = rgb[..., 0] * np.float32(0.299)
+            luma += rgb[..., 1] * np.float32(0.587)
+            luma += rgb[..., 2] * np.float32(0.114)
+            out[band, :, 0] = _quantise(luma, decoded.bits)
+        else:
+            out[band, :, :3] = _quantise(rgb, decoded.bits)
+        if alpha is not None:
+            out[band, :, -1] = _quantise(alpha[band], decoded.bits)
+    return out
 
 
 # --------------------------------------------------------------------------- encode

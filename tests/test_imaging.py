@@ -643,6 +643,32 @@ def test_compose_rounds_to_nearest_and_clips() -> None:
         compose(decoded, np.zeros((1, 4), np.float32))
 
 
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "I;16"])
+def test_compose_in_bands_equals_quantising_the_whole_image(
+    monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """Bands of one row, of a few rows with a short last band, and one band for all."""
+    rgba = np.concatenate([_rgb(), _alpha_ramp()[..., None]], -1)
+    if mode == "I;16":
+        source = Image.fromarray(_words((24, 32)))
+    else:
+        source = Image.fromarray(rgba).convert(mode)
+    decoded = decode(_save(source, "PNG"), None, max_pixels=LIMIT)
+    rng = np.random.default_rng(11)
+    rgb_out = (rng.random((48, 64, 3), np.float32) * 1.2 - 0.1).astype(np.float32)
+    results = []
+    for band_pixels in (1, 64 * 5, 10**9):
+        monkeypatch.setattr("service.imaging.COMPOSE_BAND_PIXELS", band_pixels)
+        results.append(compose(decoded, rgb_out))
+    for pixels in results[:2]:
+        np.testing.assert_array_equal(pixels, results[-1])
+    top = 65535 if decoded.bits == 16 else 255
+    colour = rgb_out @ np.array([0.299, 0.587, 0.114], np.float32) if decoded.grey else rgb_out
+    expected = np.clip(np.rint(colour * np.float32(top)), 0, top).reshape(48, 64, -1)
+    np.testing.assert_allclose(results[-1][..., : expected.shape[2]], expected, atol=1)
+    assert results[-1].shape[2] == expected.shape[2] + (decoded.alpha is not None)
+
+
 def test_encode_png_streams_in_chunks() -> None:
     pixels = np.random.default_rng(5).integers(0, 256, (300, 200, 3), dtype=np.uint8)
     chunks = list(encode_png(pixels, icc_profile=None, compress_level=1, chunk_bytes=8192))
