@@ -2,7 +2,8 @@
 
 `POST /v1/superres?scale=S` takes the image as the raw body or as a multipart
 field `image`, reads it with a size cap, decodes it off the event loop, runs it
-through the engine, and streams a PNG back with a `Server-Timing` header.
+through the engine, and streams a PNG back, encoded as it is sent, with a
+`Server-Timing` header for the stages before the body.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import hmac
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, Collection, Iterator
+from collections.abc import AsyncGenerator, Callable, Collection, Iterator
 from http import HTTPStatus
 from typing import Annotated, Any
 
@@ -33,7 +34,7 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 PROBLEM = "application/problem+json"
-STREAM_CHUNK = 64 * 1024
+STREAM_CHUNK = 64 * 1024  # IDAT bytes per piece of the streamed PNG
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/tiff")
 # what an upload may be labelled (imaging.decode): the bytes decide the format
 UPLOAD_TYPES = (*IMAGE_TYPES, "application/octet-stream")
@@ -391,30 +392,41 @@ async def _superres(
         imaging.check_output_pixels(out_h, out_w, settings.max_output_pixels)
         result = await _upscale_watching_disconnect(request, engine, decoded.rgb, scale)
         t0 = time.perf_counter()
-        png = await asyncio.to_thread(_compose_encode, decoded, result, settings)
-        encode_s = time.perf_counter() - t0
-        metrics.observe_encode(encode_s)
+        pixels = await asyncio.to_thread(imaging.compose, decoded, result.image)
+        composed = time.perf_counter()
+        compose_s = composed - t0
+        # checked now, encoded as the body is sent: the first bytes leave once the first
+        # rows are compressed, and the encode overlaps the client's reading
+        png = imaging.encode_png(
+            pixels,
+            icc_profile=decoded.icc_profile,
+            compress_level=settings.png_compress_level,
+            chunk_bytes=STREAM_CHUNK,
+        )
         metrics.observe_pixels(model, decoded.width * decoded.height, out_w * out_h)
-        inference_s = result.compute_seconds
-        report.record(model, time.perf_counter() - arrived, result.peak_memory_bytes)
         headers = {
+            # the encode runs after the headers are sent: it is in imdn_encode_seconds
             "Server-Timing": ", ".join(
                 f"{name};dur={seconds * 1000:.1f}"
                 for name, seconds in (
                     ("decode", decode_s),
                     ("queue", result.queue_seconds),
-                    ("inference", inference_s),
-                    ("encode", encode_s),
+                    ("inference", result.compute_seconds),
+                    ("compose", compose_s),
                 )
             ),
             "X-IMDN-Model": model,
             "X-IMDN-Crops": str(result.crops),
-            "Content-Length": str(len(png)),
         }
+        # the stream keeps the uint8 pixels, not `result` and its float output
+        served_s, peak = composed - arrived, result.peak_memory_bytes
+
+        def record(encode_s: float) -> None:  # the report's time excludes the client's reading
+            report.record(model, served_s + encode_s, peak)
+
+        body = _stream(png, model, arrived, metrics, record)
         status, outcome, streaming = 200, "ok", True
-        return StreamingResponse(
-            _stream(png, model, arrived, metrics), media_type="image/png", headers=headers
-        )
+        return StreamingResponse(body, media_type="image/png", headers=headers)
     except imaging.ImageError as exc:
         status, outcome = exc.status, "client_error"
         metrics.count_error(exc.reason)
@@ -472,25 +484,40 @@ async def _upscale_watching_disconnect(
         watcher.cancel()
 
 
-def _compose_encode(decoded: Any, result: UpscaleResult, settings: Settings) -> bytes:
-    image = imaging.compose(decoded, result.image)
-    return b"".join(
-        imaging.encode_png(
-            image, icc_profile=decoded.icc_profile, compress_level=settings.png_compress_level
-        )
-    )
+def _stream(
+    png: Iterator[bytes],
+    model: str,
+    arrived: float,
+    metrics: Metrics,
+    encoded: Callable[[float], None],
+) -> Iterator[bytes]:
+    """Encode and send the PNG piece by piece (chunked: its length is known only at the end).
 
-
-def _stream(png: bytes, model: str, arrived: float, metrics: Metrics) -> Iterator[bytes]:
-    """Yield the PNG in chunks; record time to first byte, and the request once it ends
-    (a client that leaves mid-body is counted as cancelled)."""
+    Records the time to the first byte; once the last byte is out, the encode time (spent
+    in the encoder, not waiting for the client), which `encoded` also gets, and the
+    request. A client that leaves mid-body is counted as cancelled, an encoder failure
+    as an error.
+    """
     status, outcome = 499, "cancelled"
+    encode_s, first = 0.0, True
     try:
-        for i in range(0, len(png), STREAM_CHUNK):
-            if i == 0:
+        while True:
+            t0 = time.perf_counter()
+            chunk = next(png, None)
+            encode_s += time.perf_counter() - t0
+            if chunk is None:
+                break
+            if first:
                 metrics.observe_time_to_first_byte(model, time.perf_counter() - arrived)
-            yield png[i : i + STREAM_CHUNK]
+                first = False
+            yield chunk
+        metrics.observe_encode(encode_s)
+        encoded(encode_s)
         status, outcome = 200, "ok"
+    except Exception:
+        status, outcome = 500, "error"
+        log.exception("encoding the PNG failed after its headers were sent")
+        raise
     finally:
         metrics.observe_request(model, status, outcome, time.perf_counter() - arrived)
 

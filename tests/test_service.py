@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from models.quality import imresize, modcrop, psnr, rgb_to_y
+from service.api import STREAM_CHUNK, _stream
+from service.imaging import encode_png
+from service.metrics import Metrics
 from service.settings import Settings
 from tests.live import LiveServer, live_server
 
@@ -88,7 +92,7 @@ def test_fixed_scale_equals_the_model_and_its_psnr(
     assert r.headers["content-type"] == "image/png"
     assert r.headers["x-imdn-model"] == f"x{scale}"
     timing = r.headers["server-timing"]
-    for stage in ("decode", "queue", "inference", "encode"):
+    for stage in ("decode", "queue", "inference", "compose"):
         assert f"{stage};dur=" in timing
     out = read_png(r.content)
     assert out.shape == (lr.shape[0] * scale, lr.shape[1] * scale, 3)
@@ -133,6 +137,61 @@ def test_multipart_upload(client: httpx.Client, datasets_dir: Path) -> None:
     assert r.status_code == 200, r.text
     lr = rgb(lr_path)
     assert read_png(r.content).shape == (lr.shape[0] * 4, lr.shape[1] * 4, 3)
+
+
+def test_the_png_is_streamed_chunked_and_its_encode_counted(
+    client: httpx.Client, datasets_dir: Path
+) -> None:
+    """No Content-Length: the PNG is encoded as it is sent; the encode is in the metrics."""
+    lr_path = datasets_dir / "Set5" / "LR_bicubic" / "x4" / "babyx4.bmp"
+    before = metric_samples(client.get("/metrics").text, "imdn_encode_seconds_count")
+    with client.stream("POST", "/v1/superres?scale=4", content=lr_path.read_bytes()) as r:
+        assert r.status_code == 200
+        assert r.headers["transfer-encoding"] == "chunked"
+        assert "content-length" not in r.headers
+        assert "encode" not in r.headers["server-timing"]
+        body = b"".join(r.iter_bytes())
+    assert read_png(body).shape == (512, 512, 3)
+    after = metric_samples(client.get("/metrics").text, "imdn_encode_seconds_count")
+    assert sum(after.values()) == sum(before.values()) + 1
+
+
+def test_the_stream_sends_the_header_before_encoding_and_counts_how_it_ended() -> None:
+    pixels = np.random.default_rng(1).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    metrics, recorded = Metrics(), list[float]()
+    value = metrics.registry.get_sample_value
+
+    def stream() -> Iterator[bytes]:
+        png = encode_png(pixels, chunk_bytes=STREAM_CHUNK)
+        return _stream(png, "x4", time.perf_counter(), metrics, recorded.append)
+
+    body = stream()
+    first = next(body)
+    assert first.startswith(b"\x89PNG\r\n\x1a\n")
+    assert value("imdn_time_to_first_byte_seconds_count", {"model": "x4"}) == 1
+    assert value("imdn_encode_seconds_count") == 0 and recorded == []  # nothing encoded yet
+    rest = list(body)
+    assert len(rest) >= 10  # ~790 KB of noise in 64 KB IDAT chunks
+    np.testing.assert_array_equal(read_png(first + b"".join(rest)), pixels)
+    assert value("imdn_encode_seconds_count") == 1 and len(recorded) == 1 and recorded[0] > 0
+    assert value("imdn_requests_total", {"model": "x4", "outcome": "ok"}) == 1
+
+    body = stream()  # a client that leaves mid-body
+    next(body), next(body)
+    body.close()
+    assert value("imdn_requests_total", {"model": "x4", "outcome": "cancelled"}) == 1
+    assert value("imdn_encode_seconds_count") == 1 and len(recorded) == 1
+
+    def failing() -> Iterator[bytes]:
+        yield first
+        raise ValueError("the encoder broke")
+
+    body = _stream(failing(), "x4", time.perf_counter(), metrics, recorded.append)
+    next(body)
+    with pytest.raises(ValueError, match="broke"):
+        next(body)
+    assert value("imdn_requests_total", {"model": "x4", "outcome": "error"}) == 1
+    assert value("imdn_request_duration_seconds_count", {"model": "x4", "status": "500"}) == 1
 
 
 def test_large_image_is_tiled_and_close_to_whole(
