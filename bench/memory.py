@@ -8,9 +8,10 @@ engine loads x4, serves one small request to warm its allocators, the peak is re
 (`/proc/self/clear_refs`), then one request runs as the service runs it: decode a PNG,
 `Engine.upscale`, `imaging.compose`, `imaging.encode_png`. Reported: the RSS before, the
 peak during upscale and during the whole request, as MB and as MB per output megapixel.
-The output itself must be held (float32 H×W×3 stitched, 12 bytes a pixel, then uint8
-RGB, 3 bytes, then the PNG): that part grows with the image by design; what the tile
-budget bounds is the network's working set on top of it.
+The output itself must be held (float32 H×W×3 stitched, 12 bytes a pixel, and the uint8
+RGB that `compose` fills from it, 3 bytes; the PNG is streamed in 64 KB pieces, as the
+service sends it): that part grows with the image by design; what the tile budget bounds
+is the network's working set on top of it.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     for side, budget in runs:
         r = measure(side, budget, args.backend)
         grown = r["request_peak_mb"] - r["rss_before_mb"]
-        output_mb = r["output_mp"] * 1e6 * (12 + 3) / 2**20 + r["png_mb"] * 1e6 / 2**20
+        output_mb = r["output_mp"] * 1e6 * (12 + 3) / 2**20
         label = "tiles" if budget < side * side else "whole"
         print(
             f"{side:4d}x{side:<4d} {r['output_mp']:9.2f} {label:>5s} {budget:6d} "
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     print(
         "+MB: request peak - RSS before; beyond output: minus the output buffers "
-        "(15 bytes a pixel + the PNG)"
+        "(15 bytes a pixel)"
     )
 
 

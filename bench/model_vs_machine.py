@@ -1,7 +1,7 @@
 """Benchmark 1: achieved GFLOP/s of the ×4 model on a 256×256 input against a plain 64→64
 3×3 convolution on the same size (the practical limit of this device), in one run.
 
-    python -m bench.model_vs_machine [--rounds 12] [--levers] [--device cpu]
+    python -m bench.model_vs_machine [--rounds 12] [--levers] [--profile] [--device cpu]
 
 Multiply-adds come from `models.profile.mult_adds`; GFLOP/s = 2·MACs / seconds. The limit
 is the faster of the convolution in contiguous and in channels_last memory format.
@@ -10,7 +10,8 @@ the figure kept is the median over rounds of the ratio to their mean: contention
 lasts longer than a call cancels out. Every
 installed backend (models/backend.py) is measured; `--levers` adds what we tried and did
 not keep (TorchScript freeze + optimize_for_inference, torch.compile with freezing, one
-intra-op thread), with their preparation time.
+intra-op thread), with their preparation time. `--profile` prints where OpenVINO's time
+goes by layer type (its own per-layer counters): what holds the network below the limit.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from bench.common import WEIGHTS, Timing, bracketed, interleaved, machine, synchronizer
-from models.backend import BACKENDS, installed, prepare
+from models.backend import BACKENDS, installed, openvino_compiled, prepare
 from models.checkpoints import load_official
 from models.profile import mult_adds
 
@@ -75,11 +76,38 @@ def _levers(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]
     return out
 
 
+def _openvino_profile(model: nn.Module, x: torch.Tensor, macs: int, runs: int = 5) -> None:
+    """OpenVINO's per-layer times, summed by (layer type, kernel), mean of `runs` calls."""
+    request = openvino_compiled(model, x, {"PERF_COUNT": True}).create_infer_request()
+    inputs = {0: x.numpy()}
+    for _ in range(2):
+        request.infer(inputs)
+    ms: dict[tuple[str, str], float] = {}
+    for _ in range(runs):
+        request.infer(inputs)
+        for layer in request.profiling_info:
+            key = (layer.node_type, layer.exec_type)
+            ms[key] = ms.get(key, 0.0) + layer.real_time.total_seconds() * 1000 / runs
+    total = sum(ms.values())
+    conv = sum(v for (kind, _), v in ms.items() if kind == "Convolution")
+    print(f"\nOpenVINO per-layer profile, mean of {runs} calls: {total:.1f} ms in all")
+    for (kind, kernel), v in sorted(ms.items(), key=lambda kv: -kv[1]):
+        if v >= 0.005 * total:
+            print(f"  {kind:16s} {kernel:26s} {v:7.1f} ms {v / total:6.1%}")
+    print(
+        f"  convolutions alone: {2 * macs / (conv / 1000) / 1e9:.1f} GFLOP/s; "
+        f"the other layers (no multiply-adds) take {1 - conv / total:.1%} of the time"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--levers", action="store_true", help="also the levers we rejected")
+    parser.add_argument(
+        "--profile", action="store_true", help="OpenVINO's time by layer type (CPU)"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     sync = synchronizer(device)
@@ -170,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         "\nof limit: median over rounds of (model GFLOP/s) / (limit GFLOP/s), the limit timed "
         "just before and after each model call; vs eager: the same, relative to eager"
     )
+    if args.profile and "openvino" in outputs:
+        _openvino_profile(model, x, macs)
 
 
 if __name__ == "__main__":

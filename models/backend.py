@@ -149,23 +149,28 @@ def _onnxruntime_forward(network: nn.Module, sample: torch.Tensor) -> Forward:
     return forward
 
 
-def _openvino_forward(network: nn.Module, sample: torch.Tensor) -> Forward:
+def openvino_compiled(
+    network: nn.Module, sample: torch.Tensor, extra_config: dict[str, Any] | None = None
+) -> Any:
+    """`network` converted with a dynamic N, H, W and compiled for the CPU in float32;
+    `extra_config` adds OpenVINO CPU properties (bench/model_vs_machine.py: PERF_COUNT)."""
     import openvino as ov
 
     with _quiet("torch.jit"):
         converted = ov.convert_model(
             network, example_input=sample, input=[ov.PartialShape([-1, 3, -1, -1])]
         )
-    compiled = ov.Core().compile_model(
-        converted,
-        "CPU",
-        {
-            "INFERENCE_PRECISION_HINT": "f32",
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_NUM_THREADS": _threads(),
-        },
-    )
-    request = compiled.create_infer_request()
+    config = {
+        "INFERENCE_PRECISION_HINT": "f32",
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": _threads(),
+        **(extra_config or {}),
+    }
+    return ov.Core().compile_model(converted, "CPU", config)
+
+
+def _openvino_forward(network: nn.Module, sample: torch.Tensor) -> Forward:
+    request = openvino_compiled(network, sample).create_infer_request()
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         result = request.infer({0: _numpy(x)}, share_inputs=True)  # outputs are copies
