@@ -72,14 +72,19 @@ class Timing:
         return f"min {self.best * 1000:9.1f} ms  median {self.median * 1000:9.1f} ms"
 
 
+SETTLE_S = 0.05  # seconds before each timed call: other runtimes' threads stop spinning
+
+
 def interleaved(
     candidates: Mapping[str, Callable[[], object]],
     *,
     rounds: int,
     warmup: int = 1,
     sync: Callable[[], None] = lambda: None,
+    settle_s: float = SETTLE_S,
 ) -> dict[str, Timing]:
-    """Seconds per call of each candidate, measured round-robin in one process."""
+    """Seconds per call of each candidate, measured round-robin in one process, each call
+    after `settle_s` (see `bracketed`)."""
     names = list(candidates)
     for _ in range(warmup):
         for name in names:
@@ -89,6 +94,7 @@ def interleaved(
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             sync()
+            time.sleep(settle_s)
             started = time.perf_counter()
             candidates[name]()
             sync()
@@ -109,13 +115,19 @@ def bracketed(
     rounds: int,
     warmup: int = 1,
     sync: Callable[[], None] = lambda: None,
+    settle_s: float = SETTLE_S,
 ) -> tuple[dict[str, Bracketed], Timing]:
     """Each candidate call timed between two calls of `reference`: the ratio of the two is
     steady when the machine's load changes slowly, even when absolute times are not.
+    Each call waits `settle_s` first: thread pools spin-wait after a call (ONNX Runtime's
+    for several ms), and a spinning pool slows the next call of another runtime, which
+    would flatter the candidate (measured: 0.95 against 0.87 of the limit for the same
+    ONNX Runtime model with spinning on and off).
     Returns the candidates' figures and the reference's own timing."""
 
     def timed(fn: Callable[[], object]) -> float:
         sync()
+        time.sleep(settle_s)
         started = time.perf_counter()
         fn()
         sync()
