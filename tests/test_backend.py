@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.fx
 from PIL import Image
 
 from models.backend import (
@@ -18,7 +19,9 @@ from models.backend import (
     installed,
     prepare,
     resolve_backend,
+    split_free,
 )
+from models.imdn import count_parameters
 from models.quality import imresize, imresize_tensor
 
 CPU = torch.device("cpu")
@@ -68,6 +71,27 @@ def test_backend_matches_eager(
         assert err <= TOLERANCE, f"{backend} differs from eager by {err:.2e} on {tuple(x.shape)}"
         # a real picture, not a flat one: the comparison has something to compare
         assert expected.std().item() > 0.05
+
+
+@pytest.mark.parametrize("name", ["x4", "AS"])
+def test_split_free_is_the_same_function_bit_for_bit_without_splits(
+    name: str, official_model: Any, butterfly_lr: torch.Tensor
+) -> None:
+    model = official_model(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rebuilt = split_free(model)
+    image = butterfly_lr if name == "x4" else imresize_tensor(butterfly_lr, size=(128, 128))
+    for x in (image, _four_crops(image, 40)):
+        with torch.inference_mode():
+            assert torch.equal(rebuilt(x), model(x))
+    assert count_parameters(rebuilt) == count_parameters(model)
+    called = {str(n.target) for n in torch.fx.symbolic_trace(rebuilt).graph.nodes}
+    assert not any("split" in target for target in called)
+    assert any(
+        "split" in t for t in (str(n.target) for n in torch.fx.symbolic_trace(model).graph.nodes)
+    )
+    for key, value in model.state_dict().items():  # the model itself is untouched
+        assert torch.equal(value, before[key]), key
 
 
 def test_prepare_leaves_the_model_alone(official_model: Any) -> None:
