@@ -130,8 +130,7 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
     print(
-        "+MB: request peak - RSS before; beyond output: minus the output buffers "
-        "(15 bytes a pixel)"
+        "+MB: request peak - RSS before; beyond output: minus the output buffers (15 bytes a pixel)"
     )
 
 
