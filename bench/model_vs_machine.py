@@ -11,7 +11,8 @@ lasts longer than a call cancels out. Every
 installed backend (models/backend.py) is measured; `--levers` adds what we tried and did
 not keep (TorchScript freeze + optimize_for_inference, torch.compile with freezing, one
 intra-op thread), with their preparation time. `--profile` prints where OpenVINO's time
-goes by layer type (its own per-layer counters): what holds the network below the limit.
+goes by layer type (its own per-layer counters): what holds the network below the limit;
+`--batches` the per-image time of each backend at batch 1, 4 and 8.
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ import torch
 from torch import nn
 
 from bench.common import WEIGHTS, Timing, bracketed, interleaved, machine, synchronizer
-from models.backend import BACKENDS, installed, openvino_compiled, prepare, split_free
+from models.backend import (
+    BACKENDS,
+    Forward,
+    installed,
+    openvino_compiled,
+    prepare,
+    split_free,
+)
 from models.checkpoints import load_official
 from models.imdn import IMDN
 from models.profile import mult_adds
@@ -102,6 +110,22 @@ def _openvino_profile(model: IMDN, x: torch.Tensor, macs: int, runs: int = 5) ->
     )
 
 
+def _batching(
+    forwards: dict[str, Forward], x: torch.Tensor, rounds: int, sync: Callable[[], None]
+) -> None:
+    """Per-image time at batch 1, 4 and 8 of the same 256×256 input, per backend: whether
+    batching crops across requests (the engine does, for same-shape crops) pays here."""
+    sizes = (1, 4, 8)
+    batches = {n: x.expand(n, -1, -1, -1).contiguous() for n in sizes}
+    print(f"\nper-image seconds by batch size (median of {rounds} interleaved rounds)")
+    print(f"{'backend':16s}" + "".join(f"{'batch ' + str(n):>10s}" for n in sizes))
+    for name, forward in forwards.items():
+        runs = {str(n): (lambda f=forward, b=batches[n]: f(b)) for n in sizes}
+        timings = interleaved(runs, rounds=rounds, sync=sync)
+        per_image = [timings[str(n)].median / n for n in sizes]
+        print(f"{name:16s}" + "".join(f"{t:10.3f}" for t in per_image))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=12)
@@ -109,6 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--levers", action="store_true", help="also the levers we rejected")
     parser.add_argument(
         "--profile", action="store_true", help="OpenVINO's time by layer type (CPU)"
+    )
+    parser.add_argument(
+        "--batches", action="store_true", help="per-image time at batch 1, 4, 8 per backend"
     )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -121,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
 
     candidates: dict[str, Callable[[], object]] = {}
     outputs: dict[str, Callable[[], torch.Tensor]] = {}
+    forwards: dict[str, Forward] = {}
     for backend in BACKENDS:
         if not installed(backend) or (
             backend in ("onnxruntime", "openvino") and device.type != "cpu"
@@ -129,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         started = time.perf_counter()
         forward = prepare(model, backend, device, torch.float32)
+        forwards[backend] = forward
         print(f"  {backend}: prepared in {time.perf_counter() - started:.1f}s")
         outputs[backend] = lambda f=forward: f(x)  # type: ignore[misc]
         candidates[backend] = outputs[backend]
@@ -202,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.profile and "openvino" in outputs:
         _openvino_profile(model, x, macs)
+    if args.batches:
+        _batching(forwards, x, max(3, args.rounds // 4), sync)
 
 
 if __name__ == "__main__":
