@@ -1,27 +1,30 @@
 """Benchmark 1: achieved GFLOP/s of the ×4 model on a 256×256 input against a plain 64→64
 3×3 convolution on the same size (the practical limit of this device), in one run.
 
-    python -m bench.model_vs_machine [--rounds 12] [--levers] [--profile] [--device cpu]
+    python -m bench.model_vs_machine [--rounds 16] [--levers] [--profile] [--batches]
 
 Multiply-adds come from `models.profile.mult_adds`; GFLOP/s = 2·MACs / seconds. The limit
 is the faster of the convolution in contiguous and in channels_last memory format.
 The machine is shared, so each model call is bracketed by two timings of the limit and
 the figure kept is the median over rounds of the ratio to their mean: contention that
-lasts longer than a call cancels out. Every
-installed backend (models/backend.py) is measured; `--levers` adds what we tried and did
-not keep (TorchScript freeze + optimize_for_inference, torch.compile with freezing, one
-intra-op thread), with their preparation time. `--profile` prints where OpenVINO's time
-goes by layer type (its own per-layer counters): what holds the network below the limit;
-`--batches` the per-image time of each backend at batch 1, 4 and 8.
+lasts longer than a call cancels out. Every installed backend (models/backend.py) is
+measured. `--levers` adds what we tried and did not keep (TorchScript freeze +
+optimize_for_inference, torch.compile with freezing, one intra-op thread), with their
+preparation time. `--profile` prints where OpenVINO's and ONNX Runtime's time goes by
+layer type (their own per-layer counters): what holds the network below the limit.
+`--batches` prints the per-image time of each backend at batch 1, 4 and 8.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,6 +34,7 @@ from models.backend import (
     BACKENDS,
     Forward,
     installed,
+    onnxruntime_session,
     openvino_compiled,
     prepare,
     split_free,
@@ -85,6 +89,23 @@ def _levers(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]
     return out
 
 
+CONVOLUTIONS = ("Convolution", "Conv", "FusedConv")  # OpenVINO's and ONNX Runtime's names
+
+
+def _print_profile(runtime: str, ms: dict[str, float], macs: int) -> None:
+    """A runtime's time per call by layer kind, and what the convolutions alone achieve."""
+    total = sum(ms.values())
+    conv = sum(v for kind, v in ms.items() if kind.split(" ")[0] in CONVOLUTIONS)
+    print(f"\n{runtime} per-layer profile: {total:.1f} ms a call")
+    for kind, v in sorted(ms.items(), key=lambda kv: -kv[1]):
+        if v >= 0.005 * total:
+            print(f"  {kind:44s} {v:7.1f} ms {v / total:6.1%}")
+    print(
+        f"  convolutions alone: {2 * macs / (conv / 1000) / 1e9:.1f} GFLOP/s; "
+        f"the other layers (no multiply-adds) take {1 - conv / total:.1%} of the time"
+    )
+
+
 def _openvino_profile(model: IMDN, x: torch.Tensor, macs: int, runs: int = 5) -> None:
     """OpenVINO's per-layer times, summed by (layer type, kernel), mean of `runs` calls."""
     network = split_free(model)  # as the openvino backend runs it
@@ -92,22 +113,34 @@ def _openvino_profile(model: IMDN, x: torch.Tensor, macs: int, runs: int = 5) ->
     inputs = {0: x.numpy()}
     for _ in range(2):
         request.infer(inputs)
-    ms: dict[tuple[str, str], float] = {}
+    ms: dict[str, float] = {}
     for _ in range(runs):
         request.infer(inputs)
         for layer in request.profiling_info:
-            key = (layer.node_type, layer.exec_type)
+            key = f"{layer.node_type} ({layer.exec_type})"
             ms[key] = ms.get(key, 0.0) + layer.real_time.total_seconds() * 1000 / runs
-    total = sum(ms.values())
-    conv = sum(v for (kind, _), v in ms.items() if kind == "Convolution")
-    print(f"\nOpenVINO per-layer profile, mean of {runs} calls: {total:.1f} ms in all")
-    for (kind, kernel), v in sorted(ms.items(), key=lambda kv: -kv[1]):
-        if v >= 0.005 * total:
-            print(f"  {kind:16s} {kernel:26s} {v:7.1f} ms {v / total:6.1%}")
-    print(
-        f"  convolutions alone: {2 * macs / (conv / 1000) / 1e9:.1f} GFLOP/s; "
-        f"the other layers (no multiply-adds) take {1 - conv / total:.1%} of the time"
-    )
+    _print_profile("OpenVINO", ms, macs)
+
+
+def _onnxruntime_profile(model: IMDN, x: torch.Tensor, macs: int, runs: int = 5) -> None:
+    """ONNX Runtime's per-node kernel times, summed by operator, mean of the last `runs`
+    of `runs` + 2 calls (the first ones pick kernels and allocate)."""
+    with tempfile.TemporaryDirectory() as folder:
+        session = onnxruntime_session(split_free(model), x[..., :32, :32], f"{folder}/ort")
+        for _ in range(runs + 2):
+            session.run(None, {"image": x.numpy()})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+    ms: dict[str, float] = {}
+    for e in events:
+        if (
+            e.get("cat") == "Node"
+            and e["name"].endswith("_kernel_time")
+            and e["ts"] >= starts[-runs]
+        ):
+            op = e["args"]["op_name"]
+            ms[op] = ms.get(op, 0.0) + e["dur"] / 1000 / runs
+    _print_profile("ONNX Runtime", ms, macs)
 
 
 def _batching(
@@ -132,7 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--levers", action="store_true", help="also the levers we rejected")
     parser.add_argument(
-        "--profile", action="store_true", help="OpenVINO's time by layer type (CPU)"
+        "--profile",
+        action="store_true",
+        help="OpenVINO's and ONNX Runtime's time by layer type (CPU)",
     )
     parser.add_argument(
         "--batches", action="store_true", help="per-image time at batch 1, 4, 8 per backend"
@@ -231,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.profile and "openvino" in outputs:
         _openvino_profile(model, x, macs)
+    if args.profile and "onnxruntime" in outputs:
+        _onnxruntime_profile(model, x, macs)
     if args.batches:
         _batching(forwards, x, max(3, args.rounds // 4), sync)
 

@@ -177,16 +177,27 @@ def _onnx_bytes(network: nn.Module, sample: torch.Tensor) -> bytes:
     return data
 
 
-def _onnxruntime_forward(network: nn.Module, sample: torch.Tensor) -> Forward:
+def onnxruntime_session(
+    network: nn.Module, sample: torch.Tensor, profile_prefix: str | None = None
+) -> Any:
+    """`network` exported with a dynamic N, H, W, in an ONNX Runtime CPU session; with
+    `profile_prefix`, the session records per-node times (bench/model_vs_machine.py)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = _threads()
     options.log_severity_level = 3  # errors only: shape-inference notes are not news
-    session = ort.InferenceSession(
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(
         _onnx_bytes(network, sample), options, providers=["CPUExecutionProvider"]
     )
+
+
+def _onnxruntime_forward(network: nn.Module, sample: torch.Tensor) -> Forward:
+    session = onnxruntime_session(network, sample)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         (y,) = session.run(["output"], {"image": _numpy(x)})
