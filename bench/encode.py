@@ -4,21 +4,23 @@ and the time to the first byte when the encoder's chunks are streamed as they co
     python -m bench.encode [--images 4] [--levels 0 1 2 3 6 9] [--rounds 3]
 
 Inputs are 256×256 crops of Set14/Set5 at ×4 (1024×1024 outputs, the service's own
-pixels: `Engine`'s forward, clamped, `imaging.compose`). For each level: the time to
-encode the whole PNG with `imaging.encode_png` (what the API does now, in a thread,
-before the first byte), the time until its first IDAT chunk is out (what streaming the
-generator would give), and the size, all interleaved with the inference they follow.
+pixels: the backend's forward, clamped, rounded). For each level: the time to encode
+the whole PNG with `imaging.encode_png` (the service streams it as it comes), the time
+until its first IDAT chunk is out, and the size; beside it Pillow's PNG encoder at the
+same level (adaptive filters, not streamable), all interleaved with the inference.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import io
 import statistics
 from collections.abc import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from bench.common import WEIGHTS, interleaved, machine, to_tensor
 from bench.service_vs_model import crops
@@ -29,6 +31,12 @@ from service import imaging
 
 def encode_all(pixels: np.ndarray, level: int) -> int:
     return sum(len(c) for c in imaging.encode_png(pixels, compress_level=level))
+
+
+def pillow_all(pixels: np.ndarray, level: int) -> int:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG", compress_level=level)
+    return out.tell()
 
 
 def first_chunk(pixels: np.ndarray, level: int) -> int:
@@ -53,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     encode_ms: dict[int, list[float]] = {level: [] for level in args.levels}
     first_ms: dict[int, list[float]] = {level: [] for level in args.levels}
     sizes: dict[int, list[int]] = {level: [] for level in args.levels}
+    pillow_ms: dict[int, list[float]] = {level: [] for level in args.levels}
+    pillow_sizes: dict[int, list[int]] = {level: [] for level in args.levels}
     for rgb in crops(args.images, 256):
         x = to_tensor(rgb)
         out = forward(x).clamp_(0, 1)[0].permute(1, 2, 0).numpy()
@@ -62,23 +72,28 @@ def main(argv: list[str] | None = None) -> None:
             sizes[level].append(encode_all(pixels, level))
             candidates[f"all{level}"] = functools.partial(encode_all, pixels, level)
             candidates[f"first{level}"] = functools.partial(first_chunk, pixels, level)
+            pillow_sizes[level].append(pillow_all(pixels, level))
+            candidates[f"pillow{level}"] = functools.partial(pillow_all, pixels, level)
         t = interleaved(candidates, rounds=args.rounds, warmup=0)
         infer_ms.append(t["infer"].best * 1000)
         for level in args.levels:
             encode_ms[level].append(t[f"all{level}"].best * 1000)
             first_ms[level].append(t[f"first{level}"].best * 1000)
+            pillow_ms[level].append(t[f"pillow{level}"].best * 1000)
     infer = statistics.mean(infer_ms)
     print(f"inference: {infer:.0f} ms per image (mean of each image's fastest)")
     print(
         f"{'level':>5s} {'encode ms':>9s} {'of inference':>12s} {'first chunk ms':>14s} "
-        f"{'size MB':>8s} {'bytes/px':>8s}"
+        f"{'size MB':>8s} {'bytes/px':>8s} {'Pillow ms':>9s} {'Pillow MB':>9s}"
     )
     for level in args.levels:
         enc = statistics.mean(encode_ms[level])
         size = statistics.mean(sizes[level])
+        pillow_mb = statistics.mean(pillow_sizes[level]) / 1e6
         print(
             f"{level:5d} {enc:9.1f} {enc / infer:12.3f} {statistics.mean(first_ms[level]):14.1f} "
-            f"{size / 1e6:8.2f} {size / 1024**2:8.2f}"
+            f"{size / 1e6:8.2f} {size / 1024**2:8.2f} "
+            f"{statistics.mean(pillow_ms[level]):9.1f} {pillow_mb:9.2f}"
         )
 
 
