@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from bench.common import REPO, WEIGHTS, hr_images, machine, percentile, to_tensor
+from bench.process import stop, wait_ready
 from models.backend import prepare, resolve_backend
 from models.checkpoints import load_official
 
@@ -86,26 +87,10 @@ def server(backend: str, threads: int) -> Iterator[str]:
     proc = subprocess.Popen(cmd, cwd=REPO, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"the server exited with {proc.returncode} during start-up")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("the server was not ready within 300 s")
-            time.sleep(0.5)
+        wait_ready(f"{url}/readyz", proc, what="the server", timeout=300)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=60)
 
 
 @dataclass

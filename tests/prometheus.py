@@ -25,6 +25,8 @@ import httpx
 import pytest
 import yaml
 
+from bench.process import stop, wait_ready
+
 JOB = "imdn"
 """The `job` label of the generated config's one scrape job."""
 
@@ -163,31 +165,9 @@ def running_prometheus(
             stderr=subprocess.STDOUT,
         )
         try:
+            ready = f"{url}/-/ready"
+            wait_ready(ready, proc, what="prometheus", timeout=start_timeout, log=log_path)
             with httpx.Client(base_url=url, timeout=10) as http:
-                _wait_ready(http, proc, log_path, start_timeout)
                 yield PrometheusClient(url, http)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
-
-
-def _wait_ready(
-    http: httpx.Client, proc: subprocess.Popen[bytes], log_path: Path, timeout: float
-) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"prometheus exited with {proc.returncode} at start:\n{tail}")
-        try:
-            if http.get("/-/ready").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass  # not listening yet
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"prometheus was not ready within {timeout}s")
-        time.sleep(0.1)
+            stop(proc, timeout=15)

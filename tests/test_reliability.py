@@ -27,6 +27,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
+from bench.process import stop, wait_ready
 from models.acs import authors_forward
 from models.imdn import IMDN
 from models.quality import imresize_tensor, psnr
@@ -278,27 +279,12 @@ def imdn_serve(
         )
     served = Served(f"http://127.0.0.1:{port}", port, process, log)
     try:
-        deadline = time.monotonic() + start_timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"imdn serve exited {process.returncode}: {log.read_text()}")
-            try:
-                if httpx.get(f"{served.url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"imdn serve not ready within {start_timeout}s")
-            time.sleep(0.2)
+        wait_ready(
+            f"{served.url}/readyz", process, what="imdn serve", timeout=start_timeout, log=log
+        )
         yield served
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process, timeout=60)
 
 
 # --------------------------------------------------------------------------- load
