@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     pillow_sizes: dict[int, list[int]] = {level: [] for level in args.levels}
     for rgb in crops(args.images, 256):
         x = to_tensor(rgb)
-        out = forward(x).clamp_(0, 1)[0].permute(1, 2, 0).numpy()
+        out = forward(x).clamp(0, 1)[0].permute(1, 2, 0).numpy()
         pixels = np.ascontiguousarray(np.rint(out * 255)).astype(np.uint8)
         candidates: dict[str, Callable[[], object]] = {"infer": functools.partial(forward, x)}
         for level in args.levels:
