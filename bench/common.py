@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+
+from models.evaluate import list_images, read_rgb
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("IMDN_SHARED_DIR", REPO.parent / "shared")).resolve()
@@ -165,11 +166,7 @@ def hr_images(dataset: str) -> list[tuple[str, np.ndarray]]:
     folder = DATASETS / dataset / "HR"
     if not folder.is_dir():
         raise SystemExit(f"{folder} is missing: set IMDN_SHARED_DIR to the shared data folder")
-    return [
-        (p.stem, np.asarray(Image.open(p).convert("RGB")))
-        for p in sorted(folder.iterdir())
-        if p.suffix.lower() in (".png", ".bmp")
-    ]
+    return [(p.stem, read_rgb(p)) for p in list_images(folder)]
 
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
