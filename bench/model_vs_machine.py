@@ -182,7 +182,6 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.rand(1, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(0)).to(device)
 
     candidates: dict[str, Callable[[], object]] = {}
-    outputs: dict[str, Callable[[], torch.Tensor]] = {}
     forwards: dict[str, Forward] = {}
     for backend in BACKENDS:
         if not installed(backend) or (
@@ -194,8 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         forward = prepare(model, backend, device, torch.float32)
         forwards[backend] = forward
         print(f"  {backend}: prepared in {time.perf_counter() - started:.1f}s")
-        outputs[backend] = lambda f=forward: f(x)  # type: ignore[misc]
-        candidates[backend] = outputs[backend]
+        candidates[backend] = lambda f=forward: f(x)  # type: ignore[misc]
     if args.levers:
         candidates.update(_levers(model.to(device), x))
 
@@ -214,9 +212,9 @@ def main(argv: list[str] | None = None) -> None:
 
         return run
 
-    reference = outputs["eager"]()
-    for name, run in outputs.items():
-        err = (run() - reference).abs().max().item()
+    reference = forwards["eager"](x)
+    for name, forward in forwards.items():
+        err = (forward(x) - reference).abs().max().item()
         print(f"  {name}: max |output - eager| = {err:.1e}")
 
     # Which memory format is the limit: a short interleaved run of the two.
@@ -264,9 +262,9 @@ def main(argv: list[str] | None = None) -> None:
         "\nof limit: median over rounds of (model GFLOP/s) / (limit GFLOP/s), the limit timed "
         "just before and after each model call; vs eager: the same, relative to eager"
     )
-    if args.profile and "openvino" in outputs:
+    if args.profile and "openvino" in forwards:
         _openvino_profile(model, x, macs)
-    if args.profile and "onnxruntime" in outputs:
+    if args.profile and "onnxruntime" in forwards:
         _onnxruntime_profile(model, x, macs)
     if args.batches:
         _batching(forwards, x, max(3, args.rounds // 4), sync)
