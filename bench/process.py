@@ -1,12 +1,22 @@
-"""Child servers for benchmarks and tests: wait until one is ready, stop it cleanly."""
+"""Child servers for benchmarks and tests: a free port, waiting until one is ready, stopping
+it cleanly."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now, for a child server to take."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def wait_ready(

@@ -19,7 +19,6 @@ import argparse
 import io
 import json
 import os
-import socket
 import statistics
 import struct
 import subprocess
@@ -36,8 +35,8 @@ import torch
 from PIL import Image
 
 from bench.common import REPO, WEIGHTS, hr_images, machine, percentile, to_tensor
-from bench.process import stop, wait_ready
-from models.backend import prepare, resolve_backend
+from bench.process import free_port, stop, wait_ready
+from models.backend import Forward, prepare, resolve_backend
 from models.checkpoints import load_official
 
 
@@ -71,9 +70,7 @@ def png_size(data: bytes) -> tuple[int, int]:
 @contextmanager
 def server(backend: str, threads: int) -> Iterator[str]:
     """`imdn serve` on a free loopback port, x4 only, until the block ends."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(
         os.environ,
         IMDN_MODELS='["x4"]',
@@ -151,9 +148,8 @@ def http_level(url: str, bodies: list[bytes], concurrency: int, side: int, scale
     return Level(concurrency, seconds, latencies, first_bytes)
 
 
-def model_pass(forward: object, inputs: list[torch.Tensor]) -> float:
+def model_pass(forward: Forward, inputs: list[torch.Tensor]) -> float:
     """Images per second of the prepared forward, one image at a time."""
-    assert callable(forward)
     started = time.perf_counter()
     for x in inputs:
         forward(x).clamp(0, 1)

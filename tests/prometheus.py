@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,7 +24,7 @@ import httpx
 import pytest
 import yaml
 
-from bench.process import stop, wait_ready
+from bench.process import free_port, stop, wait_ready
 
 JOB = "imdn"
 """The `job` label of the generated config's one scrape job."""
@@ -96,13 +95,6 @@ class PrometheusClient:
         )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def write_config(
     path: Path,
     targets: Sequence[str],
@@ -151,7 +143,7 @@ def running_prometheus(
     config = folder / "prometheus.yml"
     write_config(config, targets, scrape_interval, target_labels)
     log_path = folder / "prometheus.log"
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(

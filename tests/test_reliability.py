@@ -27,7 +27,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from bench.process import stop, wait_ready
+from bench.process import free_port, stop, wait_ready
 from models.acs import authors_forward
 from models.imdn import IMDN
 from models.quality import imresize_tensor, psnr
@@ -245,13 +245,6 @@ class Served:
         return pages * os.sysconf("SC_PAGE_SIZE")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _imdn_command() -> list[str]:
     script = Path(sys.executable).with_name("imdn")
     return [str(script)] if script.is_file() else [sys.executable, "-m", "service.cli"]
@@ -263,7 +256,7 @@ def imdn_serve(
 ) -> Iterator[Served]:
     """`imdn serve` as a child process on a free loopback port, ready (readyz 200) when
     the block starts, stopped (SIGTERM, then SIGKILL after 60 s) when it ends."""
-    port = _free_port()
+    port = free_port()
     log = log_dir / f"imdn-serve-{port}.log"
     full_env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("IMDN_")},
