@@ -21,7 +21,7 @@ from models.checkpoints import OFFICIAL_BASE_URL, REGISTRY
 ModelName = Literal["x2", "x3", "x4", "AS"]
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask, where the OS has one)."""
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     # Output
     png_compress_level: int = Field(1, ge=0, le=9)
     encode_threads: int = Field(
-        default_factory=_usable_cpus,
+        default_factory=usable_cpus,
         ge=1,
         description="threads that compress one PNG's bands of rows in parallel (shared by "
         "all responses); default: the CPUs this process may use; 1: one zlib stream, "
