@@ -9,7 +9,9 @@ for 16-bit colour.
 from __future__ import annotations
 
 import io
+import shutil
 import struct
+import subprocess
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,6 +121,21 @@ def test_banded_png_of_one_row_one_column_and_tiny_images(shape: tuple[int, int,
         np.testing.assert_array_equal(pixels_of(banded), pixels)
 
 
+@pytest.mark.skipif(shutil.which("pngcheck") is None, reason="Debian's pngcheck is not installed")
+def test_pngcheck_passes_banded_pngs(tmp_path: Path) -> None:
+    """Chunk layout, CRCs and IHDR by an independent checker (it does not check Adler-32:
+    `inflated` does)."""
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for channels in (1, 2, 3, 4):
+        for dtype in (np.uint8, np.uint16):
+            pixels = photo_like(61, 37, channels, dtype)
+            icc = profile if channels >= 3 else None
+            path = tmp_path / f"{channels}-{dtype.__name__}.png"
+            path.write_bytes(encode(pixels, icc_profile=icc, threads=3, band_bytes=500))
+            done = subprocess.run(["pngcheck", str(path)], capture_output=True, text=True)
+            assert done.returncode == 0 and "OK" in done.stdout, done.stdout + done.stderr
+
+
 def test_banded_png_carries_the_icc_profile() -> None:
     profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     pixels = photo_like(40, 64, 3)
@@ -134,11 +151,9 @@ def test_banded_png_streams_in_order_with_a_bounded_window(
     started: list[int] = []
     real = imaging._deflate_band
 
-    def counted(
-        flat: np.ndarray, top: int, stop: int, level: int, deflate: imaging.Deflate
-    ) -> imaging._Band:
+    def counted(job: imaging._BandJob, top: int, stop: int) -> imaging._Band:
         started.append(top)
-        return real(flat, top, stop, level, deflate)
+        return real(job, top, stop)
 
     monkeypatch.setattr(imaging, "_deflate_band", counted)
     pixels = photo_like(256, 128, 3)  # 384 bytes a row, 8 rows a band: 32 bands
