@@ -326,8 +326,8 @@ def _router(scales: dict[str, Any]) -> APIRouter:
                 for code, text in (
                     (400, "undecodable image"),
                     (401, "missing or wrong API key"),
-                    (413, "body, input or output too large"),
                     (406, "Accept allows none of PNG, WebP, JPEG (JPEG: not for alpha)"),
+                    (413, "body, input or output too large"),
                     (415, "unsupported image type"),
                     (422, "bad scale, a scale whose model is not loaded, or missing field"),
                     (429, "queue full: retry after Retry-After seconds"),
