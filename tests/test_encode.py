@@ -22,6 +22,7 @@ import pytest
 from PIL import Image, ImageCms
 
 from service import imaging
+from service.metrics import Metrics
 from service.negotiation import NotAcceptable, choose_format
 from service.settings import Settings
 from tests.live import live_server
@@ -380,3 +381,16 @@ def test_the_openapi_200_lists_the_three_formats(client: httpx.Client) -> None:
     assert "406" in op["responses"]
     quality = next(p for p in op["parameters"] if p["name"] == "quality")
     assert quality["schema"]["minimum"] == 1 and quality["schema"]["maximum"] == 100
+
+
+def test_the_encode_histogram_is_by_format() -> None:
+    m = Metrics()
+    value = m.registry.get_sample_value
+    for fmt in ("png", "webp", "jpeg"):  # every series from the start
+        assert value("imdn_encode_seconds_count", {"format": fmt}) == 0
+    m.observe_encode(0.02)  # the old call: PNG
+    m.observe_encode(0.5, format="webp")
+    assert value("imdn_encode_seconds_sum", {"format": "png"}) == pytest.approx(0.02)
+    assert value("imdn_encode_seconds_sum", {"format": "webp"}) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="gif"):
+        m.observe_encode(0.1, format="gif")
