@@ -3,7 +3,9 @@
 `POST /v1/superres?scale=S` takes the image as the raw body or as a multipart
 field `image`, reads it with a size cap, decodes it off the event loop, runs it
 through the engine, and streams a PNG back, encoded as it is sent, with a
-`Server-Timing` header for the stages before the body.
+`Server-Timing` header for the stages before the body. A client whose `Accept` prefers
+WebP or JPEG (`service/negotiation.py`) gets that instead, encoded whole off the event
+loop and sent with a `Content-Length`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from starlette.requests import ClientDisconnect
 from service import imaging
 from service.engine import FIXED_SCALES, Engine, EngineError, QueueFull, UpscaleResult
 from service.metrics import Metrics
+from service.negotiation import MEDIA_TYPES, NotAcceptable, choose_format
 from service.report import Report, report_markdown
 from service.settings import Settings
 
@@ -35,6 +38,8 @@ log = logging.getLogger(__name__)
 
 PROBLEM = "application/problem+json"
 STREAM_CHUNK = 64 * 1024  # IDAT bytes per piece of the streamed PNG
+DEFAULT_QUALITY = 90  # WebP and JPEG, when the request gives no `quality`
+VARY = {"Vary": "Accept"}  # the format depends on it: caches must key on it
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/tiff")
 # what an upload may be labelled (imaging.decode): the bytes decide the format
 UPLOAD_TYPES = (*IMAGE_TYPES, "application/octet-stream")
@@ -311,12 +316,17 @@ def _router(scales: dict[str, Any]) -> APIRouter:
         dependencies=Authorized,
         response_class=StreamingResponse,
         responses={
-            200: {"content": {"image/png": {}}, "description": "the super-resolved PNG"},
+            200: {
+                "content": {media_type: {} for media_type in MEDIA_TYPES.values()},
+                "description": "the super-resolved image: PNG unless the Accept header "
+                "prefers WebP or JPEG",
+            },
             **{
                 code: problem_response(text)
                 for code, text in (
                     (400, "undecodable image"),
                     (401, "missing or wrong API key"),
+                    (406, "Accept allows none of PNG, WebP, JPEG (JPEG: not for alpha)"),
                     (413, "body, input or output too large"),
                     (415, "unsupported image type"),
                     (422, "bad scale, a scale whose model is not loaded, or missing field"),
@@ -356,9 +366,16 @@ def _router(scales: dict[str, Any]) -> APIRouter:
             "fixed-scale model loaded, any other scale IMDN_AS",
             json_schema_extra=scales,
         ),
+        quality: int = Query(
+            DEFAULT_QUALITY,
+            ge=1,
+            le=100,
+            description="WebP and JPEG quality; WebP at 100 is lossless. PNG ignores it",
+        ),
     ) -> Response:
-        """Super-resolve one image by `scale`; the answer is a PNG."""
-        return await _superres(request, engine, metrics, settings, report, scale)
+        """Super-resolve one image by `scale`; the answer is a PNG, or the WebP or JPEG
+        that the Accept header prefers."""
+        return await _superres(request, engine, metrics, settings, report, scale, quality)
 
     return router
 
@@ -370,6 +387,7 @@ async def _superres(
     settings: Settings,
     report: Report,
     scale: float,
+    quality: int = DEFAULT_QUALITY,
 ) -> Response:
     arrived = time.perf_counter()
     metrics.request_started()
@@ -381,6 +399,8 @@ async def _superres(
                 422, "scale_out_of_range", f"scale must be a number in (1, {settings.max_scale:g}]"
             )
         model = engine.model_name(scale)
+        accept = request.headers.get("accept")
+        fmt = _negotiate(accept, alpha=False)  # before the body is read: 406 costs nothing
         data, content_type = await image_from_request(request, settings.max_upload_bytes)
         t0 = time.perf_counter()
         decoded = await asyncio.to_thread(
@@ -388,6 +408,8 @@ async def _superres(
         )
         decode_s = time.perf_counter() - t0
         metrics.observe_decode(decode_s)
+        if decoded.alpha is not None:
+            fmt = _negotiate(accept, alpha=True)
         out_h, out_w = imaging.output_size(decoded.height, decoded.width, scale)
         imaging.check_output_pixels(out_h, out_w, settings.max_output_pixels)
         result = await _upscale_watching_disconnect(request, engine, decoded.rgb, scale)
@@ -395,6 +417,32 @@ async def _superres(
         pixels = await asyncio.to_thread(imaging.compose, decoded, result.image)
         composed = time.perf_counter()
         compose_s = composed - t0
+        metrics.observe_pixels(model, decoded.width * decoded.height, out_w * out_h)
+        stages = [
+            ("decode", decode_s),
+            ("queue", result.queue_seconds),
+            ("inference", result.compute_seconds),
+            ("compose", compose_s),
+        ]
+        headers = {"X-IMDN-Model": model, "X-IMDN-Crops": str(result.crops), **VARY}
+        # the stream keeps the uint8 pixels, not `result` and its float output
+        served_s, peak = composed - arrived, result.peak_memory_bytes
+
+        def record(encode_s: float) -> None:  # the report's time excludes the client's reading
+            report.record(model, served_s + encode_s, peak)
+
+        if fmt != "PNG":  # Pillow writes the whole file: buffered, with a Content-Length
+            t0 = time.perf_counter()
+            encoded = await asyncio.to_thread(
+                imaging.encode_lossy, pixels, fmt, quality=quality, icc_profile=decoded.icc_profile
+            )
+            encode_s = time.perf_counter() - t0
+            metrics.observe_encode(encode_s, format=fmt.lower())
+            record(encode_s)
+            headers["Server-Timing"] = _server_timing([*stages, ("encode", encode_s)])
+            metrics.observe_time_to_first_byte(model, time.perf_counter() - arrived)
+            status, outcome = 200, "ok"
+            return Response(encoded, media_type=MEDIA_TYPES[fmt], headers=headers)
         # checked now, encoded as the body is sent: the first bytes leave once the first
         # rows are compressed, and the encode overlaps the client's reading
         png = imaging.encode_png(
@@ -402,28 +450,10 @@ async def _superres(
             icc_profile=decoded.icc_profile,
             compress_level=settings.png_compress_level,
             chunk_bytes=STREAM_CHUNK,
+            threads=settings.encode_threads,
         )
-        metrics.observe_pixels(model, decoded.width * decoded.height, out_w * out_h)
-        headers = {
-            # the encode runs after the headers are sent: it is in imdn_encode_seconds
-            "Server-Timing": ", ".join(
-                f"{name};dur={seconds * 1000:.1f}"
-                for name, seconds in (
-                    ("decode", decode_s),
-                    ("queue", result.queue_seconds),
-                    ("inference", result.compute_seconds),
-                    ("compose", compose_s),
-                )
-            ),
-            "X-IMDN-Model": model,
-            "X-IMDN-Crops": str(result.crops),
-        }
-        # the stream keeps the uint8 pixels, not `result` and its float output
-        served_s, peak = composed - arrived, result.peak_memory_bytes
-
-        def record(encode_s: float) -> None:  # the report's time excludes the client's reading
-            report.record(model, served_s + encode_s, peak)
-
+        # the encode runs after the headers are sent: it is in imdn_encode_seconds
+        headers["Server-Timing"] = _server_timing(stages)
         body = _stream(png, model, arrived, metrics, record)
         status, outcome, streaming = 200, "ok", True
         return StreamingResponse(body, media_type="image/png", headers=headers)
@@ -458,6 +488,18 @@ async def _superres(
         metrics.request_finished()
         if not streaming:
             metrics.observe_request(model, status, outcome, time.perf_counter() - arrived)
+
+
+def _negotiate(accept: str | None, *, alpha: bool) -> str:
+    """The output format for `accept` (service/negotiation.py), or a 406 problem."""
+    try:
+        return choose_format(accept, alpha=alpha)
+    except NotAcceptable as exc:
+        raise ProblemError(406, "not_acceptable", str(exc), headers=VARY) from exc
+
+
+def _server_timing(stages: list[tuple[str, float]]) -> str:
+    return ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in stages)
 
 
 async def _upscale_watching_disconnect(

@@ -39,6 +39,8 @@ BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64)
 
 OUTCOMES: tuple[str, ...] = ("ok", "client_error", "rejected", "timeout", "cancelled", "error")
 """Values of `imdn_requests_total{outcome}`: how a request ended."""
+ENCODE_FORMATS: tuple[str, ...] = ("png", "webp", "jpeg")
+"""Values of `imdn_encode_seconds{format}`."""
 
 
 class Metrics:
@@ -92,10 +94,13 @@ class Metrics:
         )
         self.encode = Histogram(
             "imdn_encode_seconds",
-            "Encoding one output image.",
+            "Encoding one output image, by format (png, webp, jpeg).",
+            ["format"],
             buckets=CODEC_BUCKETS,
             registry=r,
         )
+        for fmt in ENCODE_FORMATS:  # every format's series from the start
+            self.encode.labels(format=fmt)
         self.batch_size = Histogram(
             "imdn_batch_size",
             "Crops per batch sent to the device.",
@@ -186,8 +191,10 @@ class Metrics:
     def observe_decode(self, seconds: float) -> None:
         self.decode.observe(seconds)
 
-    def observe_encode(self, seconds: float) -> None:
-        self.encode.observe(seconds)
+    def observe_encode(self, seconds: float, *, format: str = "png") -> None:
+        if format not in ENCODE_FORMATS:
+            raise ValueError(f"unknown format {format!r}; expected one of {ENCODE_FORMATS}")
+        self.encode.labels(format=format).observe(seconds)
 
     def count_error(self, reason: str) -> None:
         self.errors.labels(reason=reason).inc()

@@ -6,6 +6,7 @@ with a message that says what to do, never on the first request.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +19,13 @@ from models.backend import BackendUnavailable, resolve_backend
 from models.checkpoints import OFFICIAL_BASE_URL, REGISTRY
 
 ModelName = Literal["x2", "x3", "x4", "AS"]
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
 
 
 class Settings(BaseSettings):
@@ -77,6 +85,13 @@ class Settings(BaseSettings):
 
     # Output
     png_compress_level: int = Field(1, ge=0, le=9)
+    encode_threads: int = Field(
+        default_factory=usable_cpus,
+        ge=1,
+        description="threads that compress one PNG's bands of rows in parallel (shared by "
+        "all responses); default: the CPUs this process may use; 1: one zlib stream, "
+        "compressed as it is sent",
+    )
 
     # HTTP
     host: str = "127.0.0.1"

@@ -19,3 +19,21 @@ def test_model_vs_machine_prints_each_backend_against_the_limit(
     rows = dict(re.findall(r"^(eager|channels_last)\s+(?:[\d.]+\s+){3}([\d.]+)\s", out, re.M))
     assert set(rows) == {"eager", "channels_last"}, out
     assert all(0 < float(ratio) < 3 for ratio in rows.values()), rows
+
+
+def test_encode_prints_every_format_for_4k_and_1024(
+    weights_dir: Path, datasets_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench import encode
+
+    encode.main(["--images", "0", "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert "3840x2160 RGB" in out and "1024x1024 RGB" in out, out
+    for table in out.split("\n\n")[1:]:
+        rows = [line for line in table.splitlines() if line[:4] in ("PNG ", "WebP", "JPEG")]
+        sizes = {line[:32].strip(): float(line.split()[-1]) for line in rows}  # name: MB
+        expected = {"PNG zlib, one stream", "PNG ISA-L, bands, 1 thread", "WebP q90", "JPEG q90"}
+        assert expected <= set(sizes), table
+        png = [mb for name, mb in sizes.items() if name.startswith("PNG")]
+        assert len(png) >= 6 and max(png) < 1.1 * min(png), table  # one picture, one level
+        assert sizes["WebP q90"] < min(png) and sizes["JPEG q90"] < min(png), table
