@@ -308,6 +308,16 @@ def test_jpeg_header_declaring_more_than_its_scan_can_code_is_400_before_decodin
     assert loads == []  # refused from the markers: no pixel decoded
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB", "CMYK"])
+def test_jpeg_scan_size_floor_never_refuses_a_real_file(mode: str) -> None:
+    """Flat images with optimised Huffman tables spend the floor itself (2 bits a block,
+    sequential): they are served."""
+    flat = Image.new(mode, (800, 600), (128,) * len(mode) if mode != "L" else 128)
+    for params in ({"optimize": True}, {"optimize": True, "subsampling": 0}, {"progressive": True}):
+        decoded = decode(_save(flat, "JPEG", **params), None, max_pixels=LIMIT)
+        assert (decoded.height, decoded.width) == (600, 800)
+
+
 def test_png_chunk_failing_its_crc_is_400() -> None:
     good = _png_by_hand(_rgb(16, 16), 2)
     idat = good.index(b"IDAT")
