@@ -509,7 +509,8 @@ async def _superres(
         status, outcome, streaming = 200, "ok", True
         if request.scope.get("http_version") == "1.0":
             # HTTP/1.0 has no chunked encoding (uvicorn would send it anyway): encode it
-            # whole, off the event loop, and send it with its Content-Length
+            # whole, off the event loop, and send it with its Content-Length (the time to
+            # first byte recorded is then the time to the first encoded piece)
             whole = await asyncio.to_thread(b"".join, body)
             return Response(whole, media_type="image/png", headers=headers)
         return StreamingResponse(body, media_type="image/png", headers=headers)
@@ -535,7 +536,7 @@ async def _superres(
     except ClientDisconnect:  # gone mid-upload, or while its image was in the engine
         status, outcome = 499, "cancelled"
         metrics.count_error("client_disconnected")
-        log.info("the client left before its answer; its queued work was dropped")
+        log.info("the client left before its answer; its request was dropped")
         return Response(status_code=499)  # nobody reads it; uvicorn drops it
     except asyncio.CancelledError:
         status, outcome = 499, "cancelled"
