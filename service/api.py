@@ -1,9 +1,10 @@
 """HTTP routes: thin functions over the engine, errors as `application/problem+json`.
 
 `POST /v1/superres?scale=S` takes the image as the raw body or as a multipart
-field `image`, reads it with a size cap, decodes it off the event loop, runs it
-through the engine, and streams a PNG back, encoded as it is sent, with a
-`Server-Timing` header for the stages before the body.
+field `image`, reads it with a size cap and a read timeout, decodes it off the event
+loop, runs it through the engine, and streams a PNG back, encoded as it is sent (whole,
+with its length, to an HTTP/1.0 client), with a `Server-Timing` header for the stages
+before the body.
 """
 
 from __future__ import annotations
