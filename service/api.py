@@ -1,11 +1,11 @@
 """HTTP routes: thin functions over the engine, errors as `application/problem+json`.
 
 `POST /v1/superres?scale=S` takes the image as the raw body or as a multipart
-field `image`, reads it with a size cap, decodes it off the event loop, runs it
-through the engine, and streams a PNG back, encoded as it is sent, with a
-`Server-Timing` header for the stages before the body. A client whose `Accept` prefers
-WebP or JPEG (`service/negotiation.py`) gets that instead, encoded whole off the event
-loop and sent with a `Content-Length`.
+field `image`, reads it with a size cap and a read timeout, decodes it off the event
+loop, runs it through the engine, and streams a PNG back, encoded as it is sent (whole,
+with its length, to an HTTP/1.0 client), with a `Server-Timing` header for the stages
+before the body. A client whose `Accept` prefers WebP or JPEG (`service/negotiation.py`)
+gets that instead, encoded whole off the event loop and sent with a `Content-Length`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -158,16 +159,40 @@ def require_ops_key(request: Request) -> None:
 OpsAuthorized = [Depends(require_ops_key)]
 
 
+def require_single_scale(request: Request) -> None:
+    """`scale` given twice is ambiguous (which one did the client mean?): 422, not a guess."""
+    given = request.query_params.getlist("scale")
+    if len(given) > 1:
+        raise ProblemError(
+            422,
+            "repeated_scale",
+            f"scale is given {len(given)} times ({', '.join(given)}); give it once",
+        )
+
+
 # Reading the body
 
 
-async def read_capped(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) as soon as it passes `limit` bytes."""
+async def read_capped(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request body, refusing (413) as soon as it passes `limit` bytes, and (408) when
+    no piece of it arrives for `timeout_s`: a stalled client cannot hold its connection."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ProblemError(413, "body_too_large", f"the body is {declared} bytes; limit {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    pieces = request.stream()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(pieces), timeout_s)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise ProblemError(
+                408,
+                "body_timeout",
+                f"no part of the body arrived for {timeout_s:g}s; send it without pauses",
+                headers={"Connection": "close"},  # the rest of the body is never read
+            ) from None
         size += len(chunk)
         if size > limit:
             raise ProblemError(413, "body_too_large", f"the body exceeds the {limit}-byte limit")
@@ -175,10 +200,12 @@ async def read_capped(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def image_from_request(request: Request, limit: int) -> tuple[bytes, str | None]:
+async def image_from_request(
+    request: Request, limit: int, timeout_s: float
+) -> tuple[bytes, str | None]:
     """(image bytes, declared content type) from a raw body or a multipart field `image`."""
     content_type = request.headers.get("content-type")
-    body = await read_capped(request, limit)
+    body = await read_capped(request, limit, timeout_s)
     if not content_type or not content_type.lower().startswith("multipart/form-data"):
         return body, content_type
 
@@ -189,7 +216,13 @@ async def image_from_request(request: Request, limit: int) -> tuple[bytes, str |
         form = await MultiPartParser(request.headers, replay(), max_files=4, max_fields=16).parse()
     except MultiPartException as exc:
         raise ProblemError(400, "bad_multipart", f"the multipart body is malformed: {exc}") from exc
-    field = form.get("image")
+    images = form.getlist("image")
+    if len(images) > 1:
+        await form.close()
+        raise ProblemError(
+            422, "multiple_images", f"the multipart body has {len(images)} 'image' parts; send one"
+        )
+    field = images[0] if images else None
     if not isinstance(field, UploadFile):
         raise ProblemError(
             422, "missing_image_field", "a multipart body needs a file field named 'image'"
@@ -210,7 +243,48 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unexpected_error)
     # a bare app (listing the routes) has no settings: document the defaults
     settings = getattr(app.state, "settings", None) or Settings.model_construct()
-    app.include_router(_router(served_scales(settings.max_scale, settings.models)))
+    router = _router(served_scales(settings.max_scale, settings.models))
+    app.include_router(router)
+    if settings.api_keys:
+        guards: set[Callable[..., Any]] = {require_api_key}
+        if settings.protect_ops_routes:
+            guards.add(require_ops_key)
+        _declare_bearer_auth(app, router, guards)
+
+
+BEARER_SCHEME = "bearerAuth"
+
+
+def _declare_bearer_auth(
+    app: FastAPI, router: APIRouter, guards: Collection[Callable[..., Any]]
+) -> None:
+    """Declare an HTTP bearer scheme on `router`'s routes that `guards` protect, so that
+    /docs offers its Authorize button and sends the key. Only with keys set: an open server
+    declares none."""
+    protected = {
+        (route.path, method.lower())
+        for route in router.routes
+        if isinstance(route, APIRoute) and any(d.dependency in guards for d in route.dependencies)
+        for method in route.methods or ()
+    }
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = FastAPI.openapi(app)  # built once, then cached in app.openapi_schema
+        schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+        schemes[BEARER_SCHEME] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "one of IMDN_API_KEYS (X-API-Key: <key> works too)",
+        }
+        for path, operations in schema.get("paths", {}).items():
+            for method, operation in operations.items():
+                if (path, method) in protected:
+                    operation["security"] = [{BEARER_SCHEME: []}]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def served_scales(max_scale: float, models: Collection[str]) -> dict[str, Any]:
@@ -313,7 +387,7 @@ def _router(scales: dict[str, Any]) -> APIRouter:
     @router.post(
         "/v1/superres",
         tags=["superres"],
-        dependencies=Authorized,
+        dependencies=[*Authorized, Depends(require_single_scale)],
         response_class=StreamingResponse,
         responses={
             200: {
@@ -327,9 +401,14 @@ def _router(scales: dict[str, Any]) -> APIRouter:
                     (400, "undecodable image"),
                     (401, "missing or wrong API key"),
                     (406, "Accept allows none of PNG, WebP, JPEG (JPEG: not for alpha)"),
+                    (408, "the body stalled: no part of it for body_read_timeout_s"),
                     (413, "body, input or output too large"),
                     (415, "unsupported image type"),
-                    (422, "bad scale, a scale whose model is not loaded, or missing field"),
+                    (
+                        422,
+                        "bad or repeated scale, a scale whose model is not loaded, or a "
+                        "multipart body without exactly one 'image' part",
+                    ),
                     (429, "queue full: retry after Retry-After seconds"),
                     (503, "not ready"),
                     (504, "deadline exceeded"),
@@ -401,7 +480,9 @@ async def _superres(
         model = engine.model_name(scale)
         accept = request.headers.get("accept")
         fmt = _negotiate(accept, alpha=False)  # before the body is read: 406 costs nothing
-        data, content_type = await image_from_request(request, settings.max_upload_bytes)
+        data, content_type = await image_from_request(
+            request, settings.max_upload_bytes, settings.body_read_timeout_s
+        )
         t0 = time.perf_counter()
         decoded = await asyncio.to_thread(
             imaging.decode, data, content_type, max_pixels=settings.max_input_pixels
@@ -456,6 +537,12 @@ async def _superres(
         headers["Server-Timing"] = _server_timing(stages)
         body = _stream(png, model, arrived, metrics, record)
         status, outcome, streaming = 200, "ok", True
+        if request.scope.get("http_version") == "1.0":
+            # HTTP/1.0 has no chunked encoding (uvicorn would send it anyway): encode it
+            # whole, off the event loop, and send it with its Content-Length (the time to
+            # first byte recorded is then the time to the first encoded piece)
+            whole = await asyncio.to_thread(b"".join, body)
+            return Response(whole, media_type="image/png", headers=headers)
         return StreamingResponse(body, media_type="image/png", headers=headers)
     except imaging.ImageError as exc:
         status, outcome = exc.status, "client_error"
@@ -479,6 +566,7 @@ async def _superres(
     except ClientDisconnect:  # gone mid-upload, or while its image was in the engine
         status, outcome = 499, "cancelled"
         metrics.count_error("client_disconnected")
+        log.info("the client left before its answer; its request was dropped")
         return Response(status_code=499)  # nobody reads it; uvicorn drops it
     except asyncio.CancelledError:
         status, outcome = 499, "cancelled"
@@ -579,8 +667,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
     return problem(422, "invalid_request", errors)
 
 
+_HTTP_REASONS = {404: "not_found", 405: "method_not_allowed"}
+
+
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-    return problem(exc.status_code, "http_error", exc.detail, getattr(exc, "headers", None))
+    reason = _HTTP_REASONS.get(exc.status_code, "http_error")
+    return problem(exc.status_code, reason, exc.detail, getattr(exc, "headers", None))
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:

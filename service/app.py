@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -18,6 +20,26 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
+ExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
+
+
+def _quiet_cancellations(previous: ExceptionHandler | None) -> ExceptionHandler:
+    """The loop's exception handler, less one false alarm: a future that ended cancelled and
+    that nobody awaited any more (the engine's batch futures of a request whose client left,
+    `_GatheringFuture exception was never retrieved`) is a normal event, logged at DEBUG.
+    Everything else goes to the previous handler (asyncio's logs it as an ERROR)."""
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if isinstance(context.get("exception"), asyncio.CancelledError):
+            log.debug("cancelled work dropped unawaited: %s", context.get("message"))
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    return handle
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. Models load in the lifespan, so `/readyz` is 503 until they are warm."""
     settings = settings or Settings()
@@ -26,6 +48,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # kept to the loop's end: the dropped futures may be collected after the lifespan
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_quiet_cancellations(loop.get_exception_handler()))
         await engine.start()
         log.info("ready: %s on %s (%s)", ", ".join(engine.models), engine.device, engine.dtype)
         try:
@@ -39,6 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Image super-resolution with IMDN (ACM MM 2019): PNG in any of the "
         "usual formats, a PNG back at any scale in (1, max].",
         lifespan=lifespan,
+        # no redirects: '/v1/superres/' is a 404, not a 307 to a URL built from the Host header
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.engine = engine

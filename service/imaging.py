@@ -37,6 +37,13 @@ Policy (what a client can rely on):
 * **Damage.** Empty (400 ``empty``), truncated or corrupt data (400 ``undecodable``) never
   yield a partly grey image: Pillow's ``LOAD_TRUNCATED_IMAGES`` must stay False (decoding
   refuses to run if something set it) and every image is fully loaded inside the guard.
+  What Pillow lets through is checked here: a PNG chunk that fails its CRC, or image data
+  that inflates to fewer rows than the header declares; a JPEG whose scan data is too short
+  to code the size its header declares (a bit per block at least; refused before decoding);
+  and a JPEG scan that ends early, its end marker put back (libjpeg warns and fills the rest
+  grey, Pillow drops the warning), found by a second decode with random bytes before each
+  closing marker: skipped after a whole segment, read as data in a short one. Corrupt JPEG
+  data that still codes every block decodes as the garbled picture it is, as browsers do.
 * **Orientation.** EXIF orientation (JPEG, PNG eXIf, WebP, TIFF) is applied, so the planes
   are upright; no EXIF is carried to the output, the tag included. Unparsable EXIF is
   ignored, as browsers do.
@@ -66,6 +73,7 @@ Policy (what a client can rely on):
 from __future__ import annotations
 
 import io
+import os
 import struct
 import sys
 import threading
@@ -80,7 +88,7 @@ from typing import ClassVar, Literal, Protocol
 
 import numpy as np
 from isal import isal_zlib
-from PIL import ExifTags, Image, ImageCms, ImageFile, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageChops, ImageCms, ImageFile, UnidentifiedImageError
 
 __all__ = [
     "ALLOWED_CONTENT_TYPES",
@@ -502,6 +510,219 @@ def _unit_float(arr: np.ndarray, bits: int) -> np.ndarray:
     return scaled
 
 
+# --------------------------------------------------------------------------- integrity
+#
+# Pillow decodes some damaged files without a word: libjpeg only *warns* when a scan's data
+# ends early (it fills the rest with flat grey blocks) and Pillow drops its warnings; the
+# PNG plugin skips IDAT CRCs, and a zlib stream that ends rows early leaves them black.
+# These checks refuse such files; they read the bytes, never trust the header alone.
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+# Adam7: (first column, first row, column step, row step) of each pass
+_ADAM7 = (
+    (0, 0, 8, 8),
+    (4, 0, 8, 8),
+    (0, 4, 4, 8),
+    (2, 0, 4, 4),
+    (0, 2, 2, 4),
+    (1, 0, 2, 2),
+    (0, 1, 1, 2),
+)
+
+
+def _png_row_bytes(width: int, height: int, bits_per_pixel: int, interlaced: bool) -> int:
+    """Bytes of filtered rows (each with its filter byte) that a width x height PNG inflates to."""
+    passes = _ADAM7 if interlaced else ((0, 0, 1, 1),)
+    total = 0
+    for x0, y0, dx, dy in passes:
+        cols, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if cols > 0 and rows > 0:
+            total += rows * (1 + -(-cols * bits_per_pixel // 8))
+    return total
+
+
+def _check_png_whole(data: bytes) -> None:
+    """Refuse a PNG with a chunk that fails its CRC, or whose image data inflates to fewer
+    rows than its header declares. Called after the pixel limit, so the inflate is bounded."""
+    view = memoryview(data)
+    pos, header, idat = 8, None, []
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        end = pos + 12 + length
+        if end > len(data):
+            break  # cut inside a chunk: the size check below, or Pillow, refuses it
+        body = view[pos + 8 : end - 4]
+        if zlib.crc32(view[pos + 4 : end - 4]) != struct.unpack_from(">I", data, end - 4)[0]:
+            name = kind.decode("latin-1")
+            raise UndecodableImage(f"the PNG's {name} chunk fails its CRC check: damaged data")
+        if kind == b"IHDR" and length == 13:
+            header = struct.unpack_from(">IIBBBBB", data, pos + 8)
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+        pos = end
+    if header is None:
+        return  # no usable header: Pillow has refused it, or will
+    width, height, depth, colour_type, _, _, interlace = header
+    if colour_type not in _PNG_CHANNELS:
+        return
+    expected = _png_row_bytes(width, height, depth * _PNG_CHANNELS[colour_type], interlace == 1)
+    inflater, produced = zlib.decompressobj(), 0
+    try:
+        for piece in idat:
+            tail: bytes | memoryview = piece
+            while tail and produced < expected and not inflater.eof:
+                produced += len(inflater.decompress(tail, 1 << 20))
+                tail = inflater.unconsumed_tail
+    except zlib.error as e:
+        raise UndecodableImage(f"cannot decode the PNG image: {e}") from e
+    if produced < expected:
+        raise UndecodableImage(
+            f"the PNG's image data ends early: {produced} of the {expected} bytes its "
+            f"{width}x{height} header needs"
+        )
+
+
+# SOF markers of the Huffman-coded DCT processes (baseline, extended, progressive), for
+# which every block costs at least a bit; arithmetic and lossless JPEGs have no such floor.
+_HUFFMAN_DCT_FRAMES = {0xC0: False, 0xC1: False, 0xC2: True}  # marker -> progressive
+_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JUNK_BYTES = 32
+
+
+@dataclass
+class _JpegLayout:
+    """What the probe and the size floor need from a JPEG's markers (its first image)."""
+
+    segment_ends: list[int]
+    """Offsets where entropy-coded segments end: each scan's end and each restart marker."""
+    min_scan_bits: int
+    """Fewest bits of scan data that can code every block the frame declares; 0: no floor."""
+    scan_bytes: int
+
+
+def _jpeg_layout(data: bytes) -> _JpegLayout:
+    """Walk the markers of the first image (an MPO's later images are not read)."""
+    ends: list[int] = []
+    frame: tuple[int, int, int, dict[int, tuple[int, int]]] | None = None
+    need_bits, scan_bytes, pos = 0, 0, 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:  # EOI
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # stand-alone markers
+            pos += 2
+            continue
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        body = data[pos + 4 : pos + 2 + length]
+        if length < 2 or len(body) != length - 2:
+            break
+        if marker in _FRAME_MARKERS and len(body) >= 6 and frame is None:
+            height, width, count = struct.unpack_from(">HHB", body, 1)
+            sampling = {
+                body[6 + 3 * i]: (body[7 + 3 * i] >> 4, body[7 + 3 * i] & 15)
+                for i in range(count)
+                if len(body) >= 9 + 3 * i
+            }
+            frame = (marker, width, height, sampling)
+        pos += 2 + length
+        if marker != 0xDA:  # SOS: its entropy-coded data follows
+            continue
+        start = pos
+        pos = _segment_end(data, pos)
+        while pos < len(data):
+            ends.append(pos)
+            pos = _skip_fill(data, pos)
+            if not 0xD0 <= data[pos + 1] <= 0xD7:  # not a restart marker: the scan is over
+                break
+            pos = _segment_end(data, pos + 2)
+        scan_bytes += pos - start
+        need_bits += _scan_floor_bits(frame, body)
+    return _JpegLayout(ends, need_bits, scan_bytes)
+
+
+def _segment_end(data: bytes, pos: int) -> int:
+    """Where the entropy-coded data from `pos` ends: at a marker's first byte (fill bytes
+    0xFF included; FF 00 is a data byte), or at the end of the data."""
+    while (pos := data.find(b"\xff", pos)) != -1:
+        after = _skip_fill(data, pos) + 1
+        if after >= len(data):
+            break
+        if data[after] != 0:
+            return pos
+        pos = after + 1
+    return len(data)
+
+
+def _skip_fill(data: bytes, pos: int) -> int:
+    """The last 0xFF of the run that starts at `pos`."""
+    while pos + 1 < len(data) and data[pos + 1] == 0xFF:
+        pos += 1
+    return pos
+
+
+def _scan_floor_bits(
+    frame: tuple[int, int, int, dict[int, tuple[int, int]]] | None, sos: bytes
+) -> int:
+    """Fewest bits a Huffman scan can spend on its blocks: a sequential scan codes a DC and
+    at least one AC symbol (an end of block) per block, a progressive first DC scan one
+    symbol per block; other progressive scans can skip blocks in runs (no floor)."""
+    if frame is None or frame[0] not in _HUFFMAN_DCT_FRAMES or len(sos) < 4:
+        return 0
+    marker, width, height, sampling = frame
+    ids = [sos[1 + 2 * i] for i in range(sos[0]) if 2 + 2 * i < len(sos)]
+    if not sampling or any(i not in sampling for i in ids):
+        return 0
+    first_dc = sos[-3] == 0 and sos[-1] >> 4 == 0  # Ss = 0 and Ah = 0
+    per_block = (1 if first_dc else 0) if _HUFFMAN_DCT_FRAMES[marker] else 2
+    h_max = max(h for h, _ in sampling.values()) or 1
+    v_max = max(v for _, v in sampling.values()) or 1
+    blocks = 0
+    for i in ids:
+        h, v = sampling[i]
+        cols, rows = -(-width * h // h_max), -(-height * v // v_max)
+        blocks += -(-cols // 8) * -(-rows // 8)
+    return per_block * blocks
+
+
+def _check_jpeg_scan_size(layout: _JpegLayout, size: tuple[int, int]) -> None:
+    """Refuse, before decoding, a JPEG whose scan data cannot cover the size it declares."""
+    if layout.min_scan_bits > 8 * layout.scan_bytes:
+        width, height = size
+        raise UndecodableImage(
+            f"the JPEG's scan data ({layout.scan_bytes} bytes) is too short for the "
+            f"{width}x{height} its header declares (at least {layout.min_scan_bits // 8} bytes)"
+        )
+
+
+def _check_jpeg_whole(im: Image.Image, data: bytes, layout: _JpegLayout, fmt: str) -> None:
+    """Refuse a JPEG one of whose entropy-coded segments ends before its blocks do.
+
+    libjpeg meets the marker early, warns (Pillow drops the warning) and fills the missing
+    blocks with flat grey. So decode again with random bytes put before each segment's
+    closing marker: after a whole segment the decoder skips them, unread; in a short one
+    it reads them as data, and the picture changes.
+    """
+    if not layout.segment_ends:
+        return
+    pieces, last = [], 0
+    for end in layout.segment_ends:
+        pieces += [data[last:end], bytes(b % 0xFF for b in os.urandom(_JUNK_BYTES))]
+        last = end
+    pieces.append(data[last:])
+    with _open(b"".join(pieces), fmt) as probe:
+        probe.load()
+        if probe.mode != im.mode or ImageChops.difference(probe, im).getbbox() is not None:
+            raise UndecodableImage(
+                "the JPEG's scan data ends before its last blocks (truncated or corrupt): "
+                "decoding it would give grey blocks"
+            )
+
+
 def decode(data: bytes, content_type: str | None, *, max_pixels: int) -> DecodedImage:
     """Decode an uploaded image, refusing what we do not accept (see the module docstring).
 
@@ -524,10 +745,18 @@ def decode(data: bytes, content_type: str | None, *, max_pixels: int) -> Decoded
     with im:
         _check_pixels(im.size, max_pixels)
         _check_single_frame(im, fmt)
+        layout = None
+        if fmt == "PNG":
+            _check_png_whole(data)
+        elif fmt == "JPEG":
+            layout = _jpeg_layout(data)
+            _check_jpeg_scan_size(layout, im.size)
         with _pillow_errors(fmt):
             planes = _read_wide_colour(im, data, fmt)
             if planes is None:
                 im.load()
+                if layout is not None:
+                    _check_jpeg_whole(im, data, layout, fmt)
                 planes = _read_planes(im)
             orientation = _exif_orientation(im)
         source_profile = im.info.get("icc_profile")

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     max_input_pixels: int = Field(4096 * 4096, gt=0)
     max_output_pixels: int = Field(8192 * 8192, gt=0)
     request_timeout_s: float = Field(120.0, gt=0)
+    body_read_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="longest silence while a request body arrives (before its first piece "
+        "or between two) before 408: a stalled upload cannot hold a connection",
+    )
 
     # Batching and tiling
     max_batch_size: int = Field(8, ge=4, description=">= 4: the four ACS crops share a batch")

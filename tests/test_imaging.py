@@ -264,6 +264,104 @@ def test_header_that_lies_about_the_size_is_400() -> None:
     assert _refused(lying, "image/png").status == 400
 
 
+def _jpeg_scan(data: bytes) -> tuple[int, int]:
+    """(start, end) of the entropy-coded data of a JPEG's first scan, end before EOI."""
+    sos = data.index(b"\xff\xda")
+    start = sos + 2 + struct.unpack_from(">H", data, sos + 2)[0]
+    return start, data.rindex(b"\xff\xd9")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"quality": 90},
+        {"quality": 90, "progressive": True},
+        {"quality": 75, "subsampling": 0},
+        {"quality": 90, "restart_marker_blocks": 2},
+    ],
+    ids=["baseline", "progressive", "4:4:4", "restart-markers"],
+)
+def test_jpeg_scan_cut_short_with_its_end_marker_put_back_is_400(params: dict[str, object]) -> None:
+    """libjpeg fills what is missing with grey and only warns: Pillow would serve it."""
+    whole = _save(Image.fromarray(_rgb(64, 64)), "JPEG", **params)
+    assert decode(whole, None, max_pixels=LIMIT).height == 64
+    assert ("restart_marker_blocks" in params) == (b"\xff\xd0" in whole)
+    start, end = _jpeg_scan(whole)
+    for cut in (start + (end - start) // 2, end - 40):
+        error = _refused(whole[:cut] + b"\xff\xd9", "image/jpeg")
+        assert (error.status, error.reason) == (400, "undecodable"), cut
+        assert "ends before" in error.detail
+
+
+def test_jpeg_header_declaring_more_than_its_scan_can_code_is_400_before_decoding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The 996-byte JPEG of issue 14: 48x48 of scan data under a 4000x4000 frame header."""
+    loads: list[object] = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", loads.append)
+    for progressive, sof in ((False, b"\xff\xc0"), (True, b"\xff\xc2")):
+        small = bytearray(_save(Image.fromarray(_rgb(48, 48)), "JPEG", progressive=progressive))
+        struct.pack_into(">HH", small, small.index(sof) + 5, 4000, 4000)
+        error = _refused(bytes(small), "image/jpeg", max_pixels=4096 * 4096)
+        assert (error.status, error.reason) == (400, "undecodable")
+        assert "too short for the 4000x4000" in error.detail
+    assert loads == []  # refused from the markers: no pixel decoded
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "CMYK"])
+def test_jpeg_scan_size_floor_never_refuses_a_real_file(mode: str) -> None:
+    """Flat images with optimised Huffman tables spend the floor itself (2 bits a block,
+    sequential): they are served."""
+    flat = Image.new(mode, (800, 600), (128,) * len(mode) if mode != "L" else 128)
+    for params in ({"optimize": True}, {"optimize": True, "subsampling": 0}, {"progressive": True}):
+        decoded = decode(_save(flat, "JPEG", **params), None, max_pixels=LIMIT)
+        assert (decoded.height, decoded.width) == (600, 800)
+
+
+def test_png_chunk_failing_its_crc_is_400() -> None:
+    good = _png_by_hand(_rgb(16, 16), 2)
+    idat = good.index(b"IDAT")
+    crc_at = idat + 4 + struct.unpack_from(">I", good, idat - 4)[0]
+    for where in (idat + 10, crc_at):  # a flipped data bit, or a wrong CRC
+        bad = bytearray(good)
+        bad[where] ^= 0x01
+        error = _refused(bytes(bad), "image/png")
+        assert (error.status, error.reason) == (400, "undecodable")
+        assert "IDAT chunk fails its CRC" in error.detail
+
+
+@pytest.mark.parametrize("interlace", [False, True])
+def test_png_whose_data_holds_fewer_rows_than_its_header_is_400(interlace: bool) -> None:
+    """A complete zlib stream of 9 rows under a 16-row header: Pillow leaves 7 black rows."""
+    pixels = _rgb(16, 13)
+    whole = _png_by_hand(pixels, 2, interlace=interlace)
+    assert np.array_equal(_as_ints(decode(whole, None, max_pixels=LIMIT).rgb, 8), pixels)
+    short = _png_by_hand(pixels[:9], 2, interlace=interlace)
+    ihdr = struct.pack(">IIBBBBB", 13, 16, 8, 2, 0, 0, int(interlace))
+    lying = short[:8] + _png_chunk(b"IHDR", ihdr) + short[8 + 25 :]
+    error = _refused(lying, "image/png")
+    assert (error.status, error.reason) == (400, "undecodable")
+
+
+@pytest.mark.parametrize(("height", "width"), [(1, 1), (7, 13), (16, 9)])
+@pytest.mark.parametrize("colour_type", [0, 2, 6])
+def test_interlaced_pngs_decode_whole(height: int, width: int, colour_type: int) -> None:
+    """The row count the data is checked against holds for Adam7's seven passes."""
+    channels = {0: 1, 2: 3, 6: 4}[colour_type]
+    for dtype in (np.uint8, np.uint16):
+        top = np.iinfo(dtype).max
+        drawn = np.random.default_rng(height).integers(0, top, (height, width, channels))
+        pixels: np.ndarray = drawn.astype(dtype)
+        if channels == 1:
+            pixels = pixels[..., 0]
+        decoded = decode(_png_by_hand(pixels, colour_type, interlace=True), None, max_pixels=LIMIT)
+        bits = 16 if dtype == np.uint16 else 8
+        assert (decoded.height, decoded.width, decoded.bits) == (height, width, bits)
+        colour = pixels if channels != 4 else pixels[..., :3]
+        got = _as_ints(decoded.rgb if channels > 1 else decoded.rgb[..., 0], bits)
+        assert np.array_equal(got, colour)
+
+
 def test_load_truncated_images_must_stay_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES"):
