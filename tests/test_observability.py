@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from models.evaluate import read_rgb
 from service.bench import lr_from_hr
 from service.cli import main
+from service.report import REPORT_HEADER
 from service.settings import Settings
 from tests.live import live_server
 from tests.prometheus import has_finite_value, running_prometheus, series_value
@@ -260,26 +261,47 @@ def test_report_counts_the_known_sequence_with_the_papers_model_facts(
     known_sequence: KnownSequence,
 ) -> None:
     seq = known_sequence
-    assert seq.report["device"] == "cpu"
-    rows = {row["model"]: row for row in seq.report["models"]}
-    assert set(rows) == {"x2", "x4"}
-    for model, count in (("x2", len(X2_IMAGES)), ("x4", len(X4_IMAGES))):
-        row = rows[model]
+    assert (seq.report["device"], seq.report["device_name"]) == ("cpu", "cpu")
+    assert seq.report["precision"] == "float32"
+    measures = seq.report["measures"]
+    assert {"forward_*_seconds", "request_*_seconds", "peak_memory_mib"} <= set(measures)
+    assert "MiB" in measures["peak_memory_mib"] and "resident" in measures["peak_memory_mib"]
+    rows = {(row["model"], row["scale"]): row for row in seq.report["models"]}
+    assert set(rows) == {("x2", "2"), ("x4", "4")}
+    for model, scale, count in (("x2", "2", len(X2_IMAGES)), ("x4", "4", len(X4_IMAGES))):
+        row = rows[model, scale]
         assert row["requests"] == count
         assert row["parameters"] == PARAMETERS[model] and row["depth"] == DEPTH
-        # the report times arrival to encoded PNG: inside each client round trip
-        assert 0 < row["mean_seconds"] <= row["p95_seconds"] <= max(seq.latencies[model])
-        assert row["peak_memory_mb"] > 0
+        # the request time runs from arrival to encoded PNG: inside each client round trip
+        assert 0 < row["request_p50_seconds"] <= row["request_p95_seconds"]
+        assert row["request_p95_seconds"] <= max(seq.latencies[model])
+        # the forward time is what Server-Timing's `inference` said (0.1 ms resolution)
+        assert row["forward_mean_seconds"] == pytest.approx(
+            float(np.mean(seq.inference[model])), abs=1e-4
+        )
+        # every image's forward is inside its request, so every quantile is too
+        assert 0 < row["forward_p50_seconds"] <= row["request_p50_seconds"]
+        assert row["forward_p95_seconds"] <= row["request_p95_seconds"]
+        assert row["peak_memory_mib"] > 0
 
     assert seq.markdown_type.startswith("text/markdown")
-    table = markdown_rows(seq.report_markdown)
-    assert table["header"][:4] == ["model", "params", "depth", "requests"]
-    for model in ("x2", "x4"):
-        name, params, depth, requests, mean, p95, _peak = table[model]
-        assert (name, params, depth) == (model, f"{PARAMETERS[model]:,}", str(DEPTH))
-        assert int(requests) == rows[model]["requests"]
-        assert float(mean) == pytest.approx(rows[model]["mean_seconds"], abs=1e-4)
-        assert float(p95) == pytest.approx(rows[model]["p95_seconds"], abs=1e-4)
+    md = seq.report_markdown
+    assert md.startswith("Device: cpu. Precision: float32.")
+    assert "MB" not in md  # mebibytes, said so
+    assert "- **forward**: per image: device compute" in md
+    assert "- **peak MiB**: largest per-batch peak" in md
+    table = markdown_rows(md)
+    assert table["header"] == list(REPORT_HEADER)
+    for model, scale in (("x2", "2"), ("x4", "4")):
+        row = rows[model, scale]
+        name, scale_cell, params, depth, requests, fwd50, fwd95, req50, req95, mib = table[model]
+        assert (name, scale_cell, params, depth) == (model, scale, f"{PARAMETERS[model]:,}", "34")
+        assert int(requests) == row["requests"]
+        assert float(fwd50) == pytest.approx(row["forward_p50_seconds"], abs=1e-4)
+        assert float(fwd95) == pytest.approx(row["forward_p95_seconds"], abs=1e-4)
+        assert float(req50) == pytest.approx(row["request_p50_seconds"], abs=1e-4)
+        assert float(req95) == pytest.approx(row["request_p95_seconds"], abs=1e-4)
+        assert float(mib) == pytest.approx(row["peak_memory_mib"], rel=1e-3)
 
 
 def test_metrics_agree_with_the_report_and_the_pixels_sent(known_sequence: KnownSequence) -> None:
@@ -293,7 +315,7 @@ def test_metrics_agree_with_the_report_and_the_pixels_sent(known_sequence: Known
         assert sample_sum(text, "imdn_time_to_first_byte_seconds_count", model=model) == n
         # the histogram stops its clock after the report's (last byte vs encoded PNG)
         duration = sample_sum(text, "imdn_request_duration_seconds_sum", model=model)
-        assert duration >= n * rows[model]["mean_seconds"]
+        assert duration >= n * rows[model]["request_mean_seconds"]
         assert sample_sum(text, "imdn_input_pixels_total", model=model) == seq.input_pixels[model]
         assert sample_sum(text, "imdn_output_pixels_total", model=model) == seq.output_pixels[model]
         # one whole-image batch per request, and its compute is what Server-Timing said
@@ -301,6 +323,11 @@ def test_metrics_agree_with_the_report_and_the_pixels_sent(known_sequence: Known
         assert sample_sum(text, "imdn_compute_seconds_sum", model=model) == pytest.approx(
             sum(seq.inference[model]), abs=1e-3 * n
         )
+        # one image per batch here: the per-image forward time is the batch's compute
+        assert sample_sum(text, "imdn_image_forward_seconds_sum", model=model) == pytest.approx(
+            sum(seq.inference[model]), abs=1e-3 * n
+        )
+        assert sample_sum(text, "imdn_model_parameters", model=model) == PARAMETERS[model]
     assert sample_sum(text, "imdn_decode_seconds_count") == sum(rows[m]["requests"] for m in rows)
     assert sample_sum(text, "imdn_errors_total") == 0
 
