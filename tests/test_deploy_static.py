@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
-from service.metrics import Metrics
+from service.metrics import CudaCollector, Metrics
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -34,8 +35,16 @@ DASHBOARD = GRAFANA / "dashboards" / "imdn.json"
 DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "imdn.yml"
 
-# Grafana's interval variables, replaced by a literal duration before PromQL parsing.
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
+# Grafana's interval and the dashboard's own variables, replaced by literals before
+# PromQL parsing.
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__interval": "15s",
+    "$__range": "1h",
+    "$instance": ".+",
+    "$model": ".+",
+}
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 
 def tool(name: str, install: str) -> str:
@@ -242,18 +251,69 @@ def test_prometheus_scrapes_the_service_and_dcgm() -> None:
 # ------------------------------------------------------------------ Grafana
 
 
-def test_every_panel_queries_the_provisioned_datasource() -> None:
+def test_every_panel_queries_the_datasource_variable() -> None:
+    """No datasource uid in the JSON: it imports into any Grafana, which asks for one."""
     uid = load_yaml(DATASOURCES)["datasources"][0]["uid"]
+    assert uid not in DASHBOARD.read_text()
     panels = query_panels()
     assert len({p["id"] for p in dashboard()["panels"]}) == len(dashboard()["panels"])
     for panel in panels:
-        assert panel["datasource"] == {"type": "prometheus", "uid": uid}, panel["title"]
+        assert panel["datasource"] == DATASOURCE, panel["title"]
         assert panel["targets"], f"{panel['title']}: no query"
         for target in panel["targets"]:
             assert target["expr"].strip(), f"{panel['title']}: empty expr"
-            assert target["datasource"]["uid"] == uid, panel["title"]
+            assert target["datasource"] == DATASOURCE, panel["title"]
         grid = panel["gridPos"]
         assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+
+
+def test_dashboard_has_datasource_instance_and_model_variables() -> None:
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    assert list(variables) == ["datasource", "instance", "model"]
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for name, source in (("instance", "imdn_ready"), ("model", "imdn_model_parameters")):
+        v = variables[name]
+        assert v["type"] == "query" and v["datasource"] == DATASOURCE
+        assert v["multi"] and v["includeAll"] and v["refresh"] == 2  # on time-range change
+        assert re.fullmatch(rf"label_values\({source}\b.*, {name}\)", v["query"]["query"])
+    # the model list is the loaded models (the gauge exists only for them)
+    assert "$instance" in variables["model"]["query"]["query"]
+    # every service query is limited to the chosen instances
+    for panel in query_panels():
+        if is_dcgm(panel):
+            continue
+        for e in exprs(panel):
+            for selector in re.findall(r"\bimdn_\w+(\{[^}]*\})?", e):
+                assert 'instance=~"$instance"' in selector, (panel["title"], e)
+
+
+def test_error_ratios_split_server_from_client_errors() -> None:
+    by_title = {p["title"]: p for p in query_panels()}
+    [server] = list(exprs(by_title["Server error ratio (5xx) by model"]))
+    [client] = list(exprs(by_title["Client error ratio (4xx) by model"]))
+    assert 'status=~"5.."' in server and "4.." not in server and "2.." not in server
+    assert 'status=~"4.."' in client and "5.." not in client
+    assert 'model=~"$model"' in server
+    # the client panel shows requests refused before a model was chosen (model="unrouted")
+    assert "model=~" not in client
+
+
+def test_table6_panel_has_parameters_time_per_image_and_peak_memory() -> None:
+    [table] = [p for p in query_panels() if p["type"] == "table"]
+    assert "Table 6" in table["title"]
+    targets = table["targets"]
+    assert all(t["instant"] and t["format"] == "table" for t in targets)
+    by_ref = {t["refId"]: t["expr"] for t in targets}
+    assert "imdn_model_parameters" in by_ref["A"]
+    assert "histogram_quantile(0.5, sum by (le, model, scale)" in by_ref["C"]
+    assert "histogram_quantile(0.95, sum by (le, model, scale)" in by_ref["D"]
+    assert "imdn_image_forward_seconds_bucket" in by_ref["C"] + by_ref["D"]
+    assert "max_over_time(imdn_peak_memory_bytes" in by_ref["E"]
+    assert all("by (model, scale)" in e or "by (le, model, scale)" in e for e in by_ref.values())
+    renamed = next(t for t in table["transformations"] if t["id"] == "organize")
+    columns = set(renamed["options"]["renameByName"].values())
+    assert {"parameters", "p50 time per image", "p95 time per image", "peak memory"} <= columns
 
 
 def test_dashboard_queries_parse_as_promql(tmp_path: Path) -> None:
@@ -284,8 +344,14 @@ def exposed_metric_names() -> set[str]:
     m.observe_decode(0.01)
     m.observe_encode(0.01)
     m.count_error("queue_full")
+    m.model_facts("x4", 715_176, 34)
+    m.observe_image_forward("x4", 0.02)
     body, _ = m.render()
-    return {line.split("{")[0].split()[0] for line in body.decode().splitlines() if line[:1] != "#"}
+    names = {
+        line.split("{")[0].split()[0] for line in body.decode().splitlines() if line[:1] != "#"
+    }
+    # the CUDA figures, exported only on a GPU (tests/test_metrics.py checks them there)
+    return names | {f.name for f in CudaCollector(torch.device("cuda", 0)).describe()}
 
 
 def test_service_panels_use_only_metrics_the_service_exposes() -> None:
@@ -323,6 +389,6 @@ def test_latency_quantiles_aggregate_over_replicas() -> None:
     quantiles = sorted(float(re.match(r"histogram_quantile\(([\d.]+),", e)[1]) for e in latency)  # type: ignore[index]
     assert quantiles == [0.5, 0.95, 0.99]
     for e in latency:
-        assert "sum by (le, model) (rate(imdn_request_duration_seconds_bucket[" in e
+        assert re.search(r"sum by \(le, model\) \(rate\(imdn_request_duration_seconds_bucket\{", e)
     histograms = [e for p in query_panels() for e in exprs(p) if "_bucket[" in e]
     assert all(re.search(r"sum by \(le\b", e) for e in histograms), "a quantile per replica"
