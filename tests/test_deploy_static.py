@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
 COMPOSE_FILES = [REPO / "docker-compose.yml", REPO / "docker" / "compose.weights.yml"]
 PROMETHEUS_CONFIG = REPO / "docker" / "prometheus" / "prometheus.yml"
+ALERTS = REPO / "docker" / "prometheus" / "alerts.yml"
+ALERTS_TEST = REPO / "docker" / "prometheus" / "alerts.test.yml"
 GRAFANA = REPO / "docker" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "imdn.json"
 DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yml"
@@ -203,13 +205,31 @@ def test_compose_reserves_one_gpu_and_keeps_dcgm_optional() -> None:
         if name != "imdn":
             image = service["image"]
             assert re.search(r":v?\d+\.\d+\.\d+", image), f"{name}: unpinned image {image}"
-        for port in service.get("ports", []):
-            assert re.fullmatch(r"\$\{[A-Z_]+:-\d+\}:\d+", port), f"{name}: {port}"
     assert services["dcgm-exporter"]["profiles"] == ["gpu-metrics"]
     assert all("profiles" not in s for n, s in services.items() if n != "dcgm-exporter")
-    grafana_env = services["grafana"]["environment"]
-    assert grafana_env["GF_SECURITY_ADMIN_PASSWORD"] == "${GRAFANA_ADMIN_PASSWORD:-admin}"
     assert set(doc["volumes"]) == {"prometheus-data", "grafana-data"}
+
+
+def test_compose_binds_the_monitoring_to_loopback_and_wants_a_grafana_password() -> None:
+    services = compose()["services"]
+    for name, port in (("prometheus", 9090), ("grafana", 3000), ("dcgm-exporter", 9400)):
+        [published] = services[name]["ports"]
+        # host address (a variable, 127.0.0.1 unless set), host port, container port
+        m = re.fullmatch(r"\$\{([A-Z_]+)_BIND:-([\d.]+)\}:\$\{[A-Z_]+:-(\d+)\}:(\d+)", published)
+        assert m, f"{name}: {published}"
+        assert m[2] == "127.0.0.1" and int(m[3]) == int(m[4]) == port, published
+    # no default password: `${VAR:?message}` makes compose refuse to start without it
+    password = services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:\?[^}]+\}", password), password
+
+
+def test_compose_builds_the_cuda_variant_the_dockerfile_defaults_to_unless_told() -> None:
+    args = compose()["services"]["imdn"]["build"]["args"]
+    text = DOCKERFILE.read_text()
+    for arg, variable in (("CUDA_IMAGE", "IMDN_CUDA_IMAGE"), ("TORCH_CUDA", "IMDN_TORCH_CUDA")):
+        default = re.search(rf"^ARG {arg}=(\S+)$", text, re.M)
+        assert default, arg
+        assert args[arg] == f"${{{variable}:-{default[1]}}}", args[arg]
 
 
 def test_compose_bind_mounts_exist_and_match_the_provisioning() -> None:
@@ -221,6 +241,9 @@ def test_compose_bind_mounts_exist_and_match_the_provisioning() -> None:
                 assert (REPO / source).exists(), f"bind mount {source} missing"
                 mounts[target] = source
     assert mounts["/etc/prometheus/prometheus.yml"] == "./docker/prometheus/prometheus.yml"
+    # the config's rule_files, relative to it, are mounted beside it
+    for rule_file in load_yaml(PROMETHEUS_CONFIG)["rule_files"]:
+        assert mounts[f"/etc/prometheus/{rule_file}"] == f"./docker/prometheus/{rule_file}"
     assert mounts["/etc/grafana/provisioning"] == "./docker/grafana/provisioning"
     provider = load_yaml(DASHBOARD_PROVIDERS)["providers"][0]
     assert mounts[provider["options"]["path"]] == "./docker/grafana/dashboards"
@@ -236,6 +259,40 @@ def test_promtool_accepts_the_prometheus_config() -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_unit_tests_of_the_alert_rules_pass() -> None:
+    """Each alert fires on a history that breaks its objective, and only then."""
+    promtool = tool("promtool", "apt-get install prometheus")
+    result = subprocess.run(
+        [promtool, "test", "rules", ALERTS_TEST.name],
+        capture_output=True, text=True, timeout=60, cwd=ALERTS_TEST.parent,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_alert_rules_cover_the_objectives_and_each_is_unit_tested() -> None:
+    rules = [r for g in load_yaml(ALERTS)["groups"] for r in g["rules"]]
+    names = {r["alert"] for r in rules}
+    assert names == {
+        "IMDNLatencyP95High", "IMDNServerErrorRatioHigh", "IMDNQueueNearlyFull",
+        "IMDNRejectingRequests", "IMDNNoReadyReplica", "IMDNDeviceMemoryNearLimit",
+        "GPUFramebufferNearFull",
+    }  # fmt: skip
+    assert load_yaml(PROMETHEUS_CONFIG)["rule_files"] == [ALERTS.name]
+    tests = load_yaml(ALERTS_TEST)["tests"]
+    firing = {
+        case["alertname"] for t in tests for case in t["alert_rule_test"] if case["exp_alerts"]
+    }
+    assert firing == names, f"never shown firing: {sorted(names - firing)}"
+    # the service metrics the rules use exist
+    exposed = exposed_metric_names()
+    used = {n for r in rules for n in re.findall(r"\bimdn_\w+", r["expr"])}
+    assert used and used <= exposed, sorted(used - exposed)
+    for r in rules:
+        assert r["labels"]["severity"] in ("warning", "critical") and r["for"]
+        assert r["annotations"]["summary"] and r["annotations"]["description"]
 
 
 def test_prometheus_scrapes_the_service_and_dcgm() -> None:
