@@ -93,9 +93,9 @@ def problem(
         "status": status,
         "reason": reason,
         "detail": detail,
-        "request_id": rid,
     }
-    if rid is not None:
+    if rid is not None:  # always, behind the request-ID middleware
+        body["request_id"] = rid
         headers = {**(headers or {}), REQUEST_ID_HEADER: rid}
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 

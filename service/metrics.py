@@ -391,7 +391,9 @@ class WindowedPeak:
 
     def collect(self) -> Iterable[Metric]:
         family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for key in list(self._peaks):
+        with self._lock:
+            keys = list(self._peaks)
+        for key in keys:
             value = self.value(key)
             if value is not None:
                 family.add_metric(list(key), value)
