@@ -8,6 +8,7 @@
 # what the NVIDIA Container Toolkit needs. CUDA 13.0 needs a host driver >= 580; for an
 # older driver build with, e.g.:
 #   --build-arg CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04 --build-arg TORCH_CUDA=cu128
+# (compose: IMDN_CUDA_IMAGE=... IMDN_TORCH_CUDA=... docker compose up -d --build)
 #
 # Build:  docker build -t imdn-serve .
 #         docker build --build-arg FETCH_WEIGHTS=0 -t imdn-serve .   (mount weights instead)
@@ -78,7 +79,11 @@ USER 10001:10001
 WORKDIR /opt/imdn
 EXPOSE 8000
 
-# /healthz answers as soon as the process serves; /readyz waits for warm models.
+# The server opens its port only once every model is loaded and warm (uvicorn runs the
+# lifespan first): /healthz and /readyz refuse connections until then and answer 200
+# together; start-period covers the warm-up. /healthz turns 503 when one device call
+# has not returned for IMDN_LIVENESS_TIMEOUT_S (a wedged worker). On SIGTERM the
+# server drains in-flight requests and exits 0.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('IMDN_PORT', '8000'), timeout=4)"]
 

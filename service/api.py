@@ -19,6 +19,7 @@ from collections.abc import AsyncGenerator, Callable, Collection, Iterator
 from http import HTTPStatus
 from typing import Annotated, Any
 
+import torch
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -30,9 +31,10 @@ from starlette.requests import ClientDisconnect
 
 from service import imaging
 from service.engine import FIXED_SCALES, Engine, EngineError, QueueFull, UpscaleResult
-from service.metrics import Metrics
+from service.logs import REQUEST_ID_HEADER, current_request_id
+from service.metrics import UNROUTED, Metrics
 from service.negotiation import MEDIA_TYPES, NotAcceptable, choose_format
-from service.report import Report, report_markdown
+from service.report import MEASURES, Report, report_markdown, scale_key
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ PROBLEM_SCHEMA = {
         "status": {"type": "integer"},
         "reason": {"type": "string"},
         "detail": {},
+        "request_id": {"type": "string", "description": "the X-Request-ID of the request"},
     },
 }
 
@@ -87,7 +90,9 @@ class ProblemError(Exception):
 def problem(
     status: int, reason: str, detail: Any, headers: dict[str, str] | None = None
 ) -> Response:
-    """An RFC 9457 problem document."""
+    """An RFC 9457 problem document, with the request's ID (also as a header: an
+    unexpected error is answered outside the middleware that adds it)."""
+    rid = current_request_id()
     body = {
         "type": "about:blank",
         "title": HTTPStatus(status).phrase,
@@ -95,7 +100,22 @@ def problem(
         "reason": reason,
         "detail": detail,
     }
+    if rid is not None:  # always, behind the request-ID middleware
+        body["request_id"] = rid
+        headers = {**(headers or {}), REQUEST_ID_HEADER: rid}
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def describe_device(engine: Engine) -> str:
+    """The device in words: the GPU's name on CUDA, else the torch device."""
+    if engine.device.type == "cuda":
+        return f"{engine.device} ({torch.cuda.get_device_name(engine.device)})"
+    return str(engine.device)
+
+
+def describe_precision(engine: Engine) -> str:
+    """The loaded models' precision (one for all: the engine's dtype)."""
+    return str(engine.dtype).removeprefix("torch.")
 
 
 # Dependencies
@@ -301,10 +321,29 @@ def served_scales(max_scale: float, models: Collection[str]) -> dict[str, Any]:
 def _router(scales: dict[str, Any]) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/healthz", tags=["ops"], dependencies=OpsAuthorized, responses=UNAUTHORIZED)
-    async def healthz() -> dict[str, str]:
-        """The process is up (liveness)."""
-        return {"status": "ok"}
+    @router.get(
+        "/healthz",
+        tags=["ops"],
+        dependencies=OpsAuthorized,
+        responses={
+            503: problem_response("the device worker is wedged: restart the process"),
+            **UNAUTHORIZED,
+        },
+    )
+    async def healthz(engine: EngineDep, settings: SettingsDep) -> Response:
+        """The process serves and its device worker is not wedged (liveness): 503 once one
+        device call has run longer than `IMDN_LIVENESS_TIMEOUT_S`. A busy worker finishes
+        calls one after another, each shorter than that, and stays live."""
+        since = engine.device_busy_since()
+        stuck = 0.0 if since is None else time.monotonic() - since
+        if stuck > settings.liveness_timeout_s:
+            return problem(
+                503,
+                "device_wedged",
+                f"a device call has not returned for {stuck:.0f}s "
+                f"(limit {settings.liveness_timeout_s:g}s)",
+            )
+        return JSONResponse({"status": "ok"})
 
     @router.get(
         "/readyz",
@@ -378,11 +417,24 @@ def _router(scales: dict[str, Any]) -> APIRouter:
         },
     )
     async def report_route(request: Request, engine: EngineDep, report: ReportDep) -> Response:
-        """Table 6 of the paper, live: time per image and peak memory per model."""
-        rows = report.rows((m.name, m.parameters, m.depth) for m in engine.models.values())
+        """Table 6 of the paper, live, per model and scale: parameters, depth, forward time
+        and request time per image, peak memory in MiB; with the device, the precision and
+        what each figure measures."""
+        models = {m.name: (m.scale, m.parameters, m.depth) for m in engine.models.values()}
+        rows = report.rows(models)
+        device, precision = describe_device(engine), describe_precision(engine)
         if "text/markdown" in request.headers.get("accept", ""):
-            return PlainTextResponse(report_markdown(rows), media_type="text/markdown")
-        return JSONResponse({"device": str(engine.device), "models": [r.as_dict() for r in rows]})
+            text = report_markdown(rows, device=device, precision=precision)
+            return PlainTextResponse(text, media_type="text/markdown")
+        return JSONResponse(
+            {
+                "device": str(engine.device),
+                "device_name": device,
+                "precision": precision,
+                "measures": MEASURES,
+                "models": [r.as_dict() for r in rows],
+            }
+        )
 
     @router.post(
         "/v1/superres",
@@ -470,7 +522,7 @@ async def _superres(
 ) -> Response:
     arrived = time.perf_counter()
     metrics.request_started()
-    model, status, outcome = "none", 500, "error"
+    model, status, outcome = UNROUTED, 500, "error"
     streaming = False
     try:
         if not math.isfinite(scale) or not 1 < scale <= settings.max_scale:
@@ -508,9 +560,12 @@ async def _superres(
         headers = {"X-IMDN-Model": model, "X-IMDN-Crops": str(result.crops), **VARY}
         # the stream keeps the uint8 pixels, not `result` and its float output
         served_s, peak = composed - arrived, result.peak_memory_bytes
+        forward_s = result.compute_seconds
+        row_scale = scale_key(engine.models[model].scale, scale)
+        metrics.observe_image_forward(model, forward_s)
 
         def record(encode_s: float) -> None:  # the report's time excludes the client's reading
-            report.record(model, served_s + encode_s, peak)
+            report.record(model, row_scale, served_s + encode_s, forward_s, peak)
 
         if fmt != "PNG":  # Pillow writes the whole file: buffered, with a Content-Length
             t0 = time.perf_counter()
@@ -571,6 +626,9 @@ async def _superres(
     except asyncio.CancelledError:
         status, outcome = 499, "cancelled"
         metrics.count_error("client_disconnected")
+        raise
+    except Exception:  # answered 500 by _unexpected_error; counted here, with its model
+        metrics.count_error("internal_error")
         raise
     finally:
         metrics.request_finished()

@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from service import api
 from service.engine import Engine
+from service.logs import RequestContextMiddleware
 from service.metrics import Metrics
 from service.report import Report
 from service.settings import Settings
@@ -43,8 +44,9 @@ def _quiet_cancellations(previous: ExceptionHandler | None) -> ExceptionHandler:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. Models load in the lifespan, so `/readyz` is 503 until they are warm."""
     settings = settings or Settings()
-    metrics = Metrics()
+    metrics = Metrics.from_settings(settings)
     engine = Engine(settings, metrics)
+    metrics.watch_device(engine.device)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -52,6 +54,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_quiet_cancellations(loop.get_exception_handler()))
         await engine.start()
+        for m in engine.models.values():
+            metrics.model_facts(m.name, m.parameters, m.depth)
         log.info("ready: %s on %s (%s)", ", ".join(engine.models), engine.device, engine.dtype)
         try:
             yield
@@ -77,8 +81,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
-            expose_headers=["Server-Timing", "X-IMDN-Model", "X-IMDN-Crops", "Retry-After"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
+            expose_headers=[
+                "Server-Timing",
+                "X-IMDN-Model",
+                "X-IMDN-Crops",
+                "Retry-After",
+                "X-Request-ID",
+            ],
             max_age=600,
         )
+    # outermost of the app's middleware, so CORS answers carry a request ID too
+    app.add_middleware(
+        RequestContextMiddleware,
+        access=settings.access_log,
+        ops_routes=settings.access_log_ops_routes,
+    )
     return app

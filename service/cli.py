@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import signal
 import sys
@@ -62,15 +61,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = Settings(**overrides)
     except ValidationError as exc:
         return _fail(_settings_errors(exc))
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from service.logs import configure as configure_logging
+
+    # one handler for every logger, uvicorn's too (log_config=None keeps uvicorn from
+    # installing its own); the access log is the app's (request IDs, durations, no probes)
+    configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,
+        access_log=False,
         workers=1,  # one process owns the device; scale out with more processes
         timeout_graceful_shutdown=int(settings.request_timeout_s),
     )

@@ -163,6 +163,7 @@ class Engine:
         self._scheduler: asyncio.Task[None] | None = None
         self._device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imdn-device")
         self._recent_batch_seconds: deque[float] = deque(maxlen=32)
+        self._busy_since: float | None = None
 
     # Life cycle
 
@@ -243,6 +244,12 @@ class Engine:
                 self._run_batch(loaded, torch.rand(batch, 3, side, side), record=False)
             loaded.warmup_seconds = time.perf_counter() - started
         return loaded
+
+    def device_busy_since(self) -> float | None:
+        """`time.monotonic()` when the device call now running started; None when the
+        device thread is idle. Liveness compares it with a timeout: a busy device keeps
+        finishing calls (and renewing this), a wedged one does not."""
+        return self._busy_since
 
     # Requests
 
@@ -445,10 +452,14 @@ class Engine:
     ) -> tuple[torch.Tensor, float, int]:
         """Run one batch on the device (device thread only): outputs on the CPU, seconds,
         and the batch's peak memory. Warm-up passes are not recorded in the metrics."""
-        reset_peak_memory(self.device)
-        started = time.perf_counter()
-        y = self._forward_splitting(model, crops)
-        seconds = time.perf_counter() - started
+        self._busy_since = time.monotonic()
+        try:
+            reset_peak_memory(self.device)
+            started = time.perf_counter()
+            y = self._forward_splitting(model, crops)
+            seconds = time.perf_counter() - started
+        finally:
+            self._busy_since = None
         peak = peak_memory_bytes(self.device)
         if record:
             self.metrics.observe_batch(model.name, crops.shape[0], seconds, peak, self.device.type)

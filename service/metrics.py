@@ -3,18 +3,27 @@
 Every stage of a request is timed separately (queue wait apart from compute, time to
 first byte apart from the whole request), so a latency rise can be traced to its
 stage. prometheus-client does the work; this module only names the metrics, picks
-buckets that suit super-resolution (milliseconds for a small crop, up to a minute for
-a large image on the CPU) and gives the engine and the API small methods to call.
+buckets that resolve what they measure (half a millisecond for a GPU batch, past the
+request deadline for a large image on the CPU, one bucket per batch size) and gives
+the engine and the API small methods to call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
+import logging
+import math
 import os
 import resource
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from prometheus_client import (
@@ -25,22 +34,66 @@ from prometheus_client import (
     disable_created_metrics,
 )
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
-# Seconds: from a few milliseconds (one small crop on a GPU) to a minute (a large image
-# on the CPU); the request timeout defaults to 120 s, which lands in +Inf.
-SECONDS_BUCKETS: tuple[float, ...] = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
-)  # fmt: skip
-# Decoding and encoding are cheaper than inference: finer at the low end.
-CODEC_BUCKETS: tuple[float, ...] = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
-BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64)
+from models.checkpoints import REGISTRY
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Bounds per decade, about ×1.5 apart: Prometheus interpolates linearly inside a bucket,
+# so a quantile read from these is within that ratio of the truth (with 1-2.5-5 buckets
+# a 5.5 ms queue wait read as 9.75 ms).
+_PER_DECADE = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
+SHORTEST_S = 0.0005
+"""The lowest bucket bound of every timing histogram: half a millisecond."""
+
+
+def seconds_buckets(past: float, lowest: float = SHORTEST_S) -> tuple[float, ...]:
+    """Bucket bounds from `lowest` up to the first one above `past` (the request deadline:
+    a request that ran into it still lands in a finite bucket)."""
+    bounds: list[float] = []
+    exponent = math.floor(math.log10(lowest))
+    while not bounds or bounds[-1] <= past:
+        for step in _PER_DECADE:
+            bound = float(f"{step:g}e{exponent}")
+            if bound >= lowest and (not bounds or bounds[-1] <= past):
+                bounds.append(bound)
+        exponent += 1
+    return tuple(bounds)
+
+
+def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """One bucket per batch size, 1..max: a quantile of sizes is then exact."""
+    return tuple(float(n) for n in range(1, max_batch_size + 1))
+
+
+SECONDS_BUCKETS = seconds_buckets(120.0)
+"""The buckets for the default 120 s request deadline."""
 
 OUTCOMES: tuple[str, ...] = ("ok", "client_error", "rejected", "timeout", "cancelled", "error")
 """Values of `imdn_requests_total{outcome}`: how a request ended."""
 ENCODE_FORMATS: tuple[str, ...] = ("png", "webp", "jpeg")
 """Values of `imdn_encode_seconds{format}`."""
+
+UNROUTED = "unrouted"
+"""The `model` label of a request refused before a model was chosen (a scale out of
+range, or one whose model this server does not load): the request still counts in
+every total, but no series appears under the name of a model that is not loaded."""
+
+PEAK_WINDOW_S = 60.0
+"""`imdn_peak_memory_bytes` is the highest batch peak over this window: longer than any
+scrape interval, so a scrape never misses a peak."""
+
+
+def scale_label(model: str) -> str:
+    """The `scale` label of a model's series: its fixed factor, or "any" for IMDN_AS."""
+    spec = REGISTRY.get(model)
+    if spec is None:
+        return ""
+    return "any" if spec.scale == 1 else str(spec.scale)
 
 
 class Metrics:
@@ -49,54 +102,71 @@ class Metrics:
     Several apps (or tests) in one process each create a `Metrics` and never collide.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        request_timeout_s: float = 120.0,
+        max_batch_size: int = 8,
+        max_queue_crops: int = 256,
+        peak_window_s: float = PEAK_WINDOW_S,
+    ) -> None:
         # `*_created` gauges would double the series in the classic text format for a
         # timestamp that Prometheus never uses; prometheus-client only offers a
         # process-wide switch, and the service wants it off everywhere.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        seconds = seconds_buckets(request_timeout_s)
 
         # Histograms
         self.request_duration = Histogram(
             "imdn_request_duration_seconds",
             "Whole request, from the body read to the last byte sent, by HTTP status.",
             ["model", "status"],
-            buckets=SECONDS_BUCKETS,
+            buckets=seconds,
             registry=r,
         )
         self.time_to_first_byte = Histogram(
             "imdn_time_to_first_byte_seconds",
             "From the request's arrival to the first byte of the response body.",
             ["model"],
-            buckets=SECONDS_BUCKETS,
+            buckets=seconds,
             registry=r,
         )
         self.queue_wait = Histogram(
             "imdn_queue_wait_seconds",
             "Time a crop waited in the batch queue before its batch started.",
             ["model"],
-            buckets=SECONDS_BUCKETS,
+            buckets=seconds,
             registry=r,
         )
         self.compute = Histogram(
             "imdn_compute_seconds",
             "Device compute of one batch (synchronised), per model.",
             ["model"],
-            buckets=SECONDS_BUCKETS,
+            buckets=seconds,
+            registry=r,
+        )
+        self.image_forward = Histogram(
+            "imdn_image_forward_seconds",
+            "Forward (device compute) time of one served image: the batches that carried "
+            "its crops (a batch shared with other images counts whole). Table 6's time "
+            "per image.",
+            ["model", "scale"],
+            buckets=seconds,
             registry=r,
         )
         self.decode = Histogram(
             "imdn_decode_seconds",
             "Decoding one uploaded image.",
-            buckets=CODEC_BUCKETS,
+            buckets=seconds,
             registry=r,
         )
         self.encode = Histogram(
             "imdn_encode_seconds",
             "Encoding one output image, by format (png, webp, jpeg).",
             ["format"],
-            buckets=CODEC_BUCKETS,
+            buckets=seconds,
             registry=r,
         )
         for fmt in ENCODE_FORMATS:  # every format's series from the start
@@ -105,7 +175,7 @@ class Metrics:
             "imdn_batch_size",
             "Crops per batch sent to the device.",
             ["model"],
-            buckets=BATCH_SIZE_BUCKETS,
+            buckets=batch_size_buckets(max_batch_size),
             registry=r,
         )
 
@@ -113,14 +183,22 @@ class Metrics:
         self.queue_depth = Gauge(
             "imdn_queue_depth", "Crops waiting in the batch queue.", registry=r
         )
+        self.queue_capacity = Gauge(
+            "imdn_queue_capacity",
+            "Crops the batch queue holds before it answers 429 (IMDN_MAX_QUEUE_CROPS).",
+            registry=r,
+        )
+        self.queue_capacity.set(max_queue_crops)
         self.requests_in_flight = Gauge(
             "imdn_requests_in_flight", "Super-resolution requests being served now.", registry=r
         )
-        self.peak_memory = Gauge(
+        self.peak_memory = WindowedPeak(
             "imdn_peak_memory_bytes",
-            "Peak device memory of the last batch (CUDA allocator peak, reset per batch; "
-            "on the CPU the process's resident memory).",
-            ["model", "device"],
+            f"Highest per-batch peak memory over the last {peak_window_s:g} s (the last "
+            "batch's when none ran in that window): on CUDA the allocator's peak, reset per "
+            "batch; on the CPU the process's resident high-water mark during the batch.",
+            ("model", "scale", "device"),
+            window_s=peak_window_s,
             registry=r,
         )
         self.model_load = Gauge(
@@ -133,6 +211,18 @@ class Metrics:
             "imdn_model_warmup_seconds",
             "Time of the warm-up passes.",
             ["model"],
+            registry=r,
+        )
+        self.model_parameters = Gauge(
+            "imdn_model_parameters",
+            "Parameters of a loaded model (Table 6).",
+            ["model", "scale"],
+            registry=r,
+        )
+        self.model_depth = Gauge(
+            "imdn_model_depth",
+            "Conv layers on the model's longest path (Table 6's depth).",
+            ["model", "scale"],
             registry=r,
         )
         self.ready = Gauge("imdn_ready", "1 once every model is loaded and warm.", registry=r)
@@ -153,6 +243,22 @@ class Metrics:
         self.errors = Counter("imdn_errors", "Errors by reason.", ["reason"], registry=r)
         self.batches = Counter("imdn_batches", "Batches run on the device.", ["model"], registry=r)
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Metrics:
+        """Buckets up to the settings' deadline and batch size, and the queue's capacity."""
+        return cls(
+            request_timeout_s=settings.request_timeout_s,
+            max_batch_size=settings.max_batch_size,
+            max_queue_crops=settings.max_queue_crops,
+        )
+
+    def watch_device(self, device: str | torch.device) -> None:
+        """Export the device's own memory figures (and utilisation, through NVML when
+        `pynvml` is installed) at each scrape; nothing on the CPU."""
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            self.registry.register(CudaCollector(dev))
+
     # Model life cycle
 
     def model_loaded(self, model: str, load_seconds: float, warmup_seconds: float) -> None:
@@ -169,6 +275,12 @@ class Metrics:
         self.output_pixels.labels(model=model)
         self.batches.labels(model=model)
 
+    def model_facts(self, model: str, parameters: int, depth: int) -> None:
+        """A loaded model's parameters and depth, the fixed columns of Table 6."""
+        scale = scale_label(model)
+        self.model_parameters.labels(model=model, scale=scale).set(parameters)
+        self.model_depth.labels(model=model, scale=scale).set(depth)
+
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)
 
@@ -183,6 +295,10 @@ class Metrics:
 
     def observe_time_to_first_byte(self, model: str, seconds: float) -> None:
         self.time_to_first_byte.labels(model=model).observe(seconds)
+
+    def observe_image_forward(self, model: str, seconds: float) -> None:
+        """The device time of one served image (Table 6's time per image)."""
+        self.image_forward.labels(model=model, scale=scale_label(model)).observe(seconds)
 
     def observe_pixels(self, model: str, input_pixels: int, output_pixels: int) -> None:
         self.input_pixels.labels(model=model).inc(input_pixels)
@@ -219,7 +335,7 @@ class Metrics:
         """One batch on the device: its size, compute time and peak memory."""
         self.batch_size.labels(model=model).observe(size)
         self.compute.labels(model=model).observe(seconds)
-        self.peak_memory.labels(model=model, device=device).set(peak_bytes)
+        self.peak_memory.observe((model, scale_label(model), device), peak_bytes)
         self.batches.labels(model=model).inc()
 
     # Exposition
@@ -230,6 +346,126 @@ class Metrics:
         is asked for."""
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
+
+
+class WindowedPeak:
+    """A gauge per label set holding the highest value observed over the last `window_s`
+    seconds, or the last value when nothing was observed in the window.
+
+    A plain gauge set per batch shows only the batch before the scrape; this one shows
+    every peak to at least one scrape. A monotonic deque keeps it O(1) per observation.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        *,
+        window_s: float,
+        registry: CollectorRegistry,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.name, self.documentation = name, documentation
+        self.labelnames = tuple(labelnames)
+        self.window_s, self._clock = window_s, clock
+        self._peaks: dict[tuple[str, ...], deque[tuple[float, float]]] = {}
+        self._last: dict[tuple[str, ...], float] = {}
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe(self, labels: Sequence[str], value: float) -> None:
+        key, now = tuple(labels), self._clock()
+        with self._lock:
+            peaks = self._peaks.setdefault(key, deque())
+            while peaks and peaks[-1][1] <= value:  # a smaller, older value never wins
+                peaks.pop()
+            peaks.append((now, value))
+            self._last[key] = value
+
+    def value(self, labels: Sequence[str]) -> float | None:
+        key = tuple(labels)
+        with self._lock:
+            peaks = self._peaks.get(key)
+            if peaks is None:
+                return None
+            while peaks and peaks[0][0] < self._clock() - self.window_s:
+                peaks.popleft()
+            return peaks[0][1] if peaks else self._last[key]
+
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        with self._lock:
+            keys = list(self._peaks)
+        for key in keys:
+            value = self.value(key)
+            if value is not None:
+                family.add_metric(list(key), value)
+        return [family]
+
+
+class CudaCollector:
+    """The CUDA device's own figures at each scrape: memory allocated and reserved by
+    PyTorch's allocator and the device's total, and (when `pynvml` is installed) the
+    utilisation NVML reports. Nothing before CUDA is initialised."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.label = str(device if device.index is not None else torch.device("cuda", 0))
+        self._nvml: Any = None
+        self._nvml_handle: Any = None
+        if importlib.util.find_spec("pynvml") is not None:
+            self._nvml = importlib.import_module("pynvml")
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families())
+
+    def _families(self) -> Iterator[GaugeMetricFamily]:
+        for name, doc in (
+            ("imdn_device_memory_allocated_bytes", "Device memory held by live tensors."),
+            (
+                "imdn_device_memory_reserved_bytes",
+                "Device memory PyTorch's caching allocator reserved (allocated + cached).",
+            ),
+            ("imdn_device_memory_total_bytes", "The device's total memory."),
+            (
+                "imdn_device_utilization_ratio",
+                "Fraction of the last sample period in which a kernel ran (NVML; only "
+                "with pynvml installed).",
+            ),
+        ):
+            yield GaugeMetricFamily(name, doc, labels=["device"])
+
+    def collect(self) -> Iterable[Metric]:
+        if not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            return []
+        allocated, reserved, total, utilisation = self._families()
+        allocated.add_metric([self.label], torch.cuda.memory_allocated(self.device))
+        reserved.add_metric([self.label], torch.cuda.memory_reserved(self.device))
+        total.add_metric([self.label], torch.cuda.get_device_properties(self.device).total_memory)
+        families = [allocated, reserved, total]
+        ratio = self._utilisation()
+        if ratio is not None:
+            utilisation.add_metric([self.label], ratio)
+            families.append(utilisation)
+        return families
+
+    def _utilisation(self) -> float | None:
+        if self._nvml is None:
+            return None
+        try:
+            if self._nvml_handle is None:
+                self._nvml.nvmlInit()
+                uuid = torch.cuda.get_device_properties(self.device).uuid
+                self._nvml_handle = self._nvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+            return float(self._nvml.nvmlDeviceGetUtilizationRates(self._nvml_handle).gpu) / 100
+        except Exception as exc:  # NVML missing from the driver, or a device it hides
+            log.warning("NVML utilisation unavailable, no longer asked: %s", exc)
+            self._nvml = None
+            return None
 
 
 def resident_memory_bytes() -> int:

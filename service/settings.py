@@ -114,6 +114,24 @@ class Settings(BaseSettings):
         "'*'); empty: no CORS middleware, no CORS headers",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="'text': time level logger [request_id] message; 'json': one JSON object "
+        "a line (time, level, logger, message, request_id; method, path, status, duration_ms "
+        "on access lines)",
+    )
+    access_log: bool = Field(True, description="one log line per request (imdn.access)")
+    access_log_ops_routes: bool = Field(
+        False,
+        description="also log requests to /metrics, /healthz and /readyz (off: probes and "
+        "scrapes would drown the log)",
+    )
+    liveness_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="/healthz answers 503 once one device call (a batch's forward) has been "
+        "running longer than this: the device thread is wedged, not busy",
+    )
 
     @field_validator("models")
     @classmethod

@@ -21,21 +21,32 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
-from service.metrics import Metrics
+from service.metrics import CudaCollector, Metrics
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
 COMPOSE_FILES = [REPO / "docker-compose.yml", REPO / "docker" / "compose.weights.yml"]
 PROMETHEUS_CONFIG = REPO / "docker" / "prometheus" / "prometheus.yml"
+ALERTS = REPO / "docker" / "prometheus" / "alerts.yml"
+ALERTS_TEST = REPO / "docker" / "prometheus" / "alerts.test.yml"
 GRAFANA = REPO / "docker" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "imdn.json"
 DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "imdn.yml"
 
-# Grafana's interval variables, replaced by a literal duration before PromQL parsing.
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
+# Grafana's interval and the dashboard's own variables, replaced by literals before
+# PromQL parsing.
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__interval": "15s",
+    "$__range": "1h",
+    "$instance": ".+",
+    "$model": ".+",
+}
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 
 def tool(name: str, install: str) -> str:
@@ -194,13 +205,31 @@ def test_compose_reserves_one_gpu_and_keeps_dcgm_optional() -> None:
         if name != "imdn":
             image = service["image"]
             assert re.search(r":v?\d+\.\d+\.\d+", image), f"{name}: unpinned image {image}"
-        for port in service.get("ports", []):
-            assert re.fullmatch(r"\$\{[A-Z_]+:-\d+\}:\d+", port), f"{name}: {port}"
     assert services["dcgm-exporter"]["profiles"] == ["gpu-metrics"]
     assert all("profiles" not in s for n, s in services.items() if n != "dcgm-exporter")
-    grafana_env = services["grafana"]["environment"]
-    assert grafana_env["GF_SECURITY_ADMIN_PASSWORD"] == "${GRAFANA_ADMIN_PASSWORD:-admin}"
     assert set(doc["volumes"]) == {"prometheus-data", "grafana-data"}
+
+
+def test_compose_binds_the_monitoring_to_loopback_and_wants_a_grafana_password() -> None:
+    services = compose()["services"]
+    for name, port in (("prometheus", 9090), ("grafana", 3000), ("dcgm-exporter", 9400)):
+        [published] = services[name]["ports"]
+        # host address (a variable, 127.0.0.1 unless set), host port, container port
+        m = re.fullmatch(r"\$\{([A-Z_]+)_BIND:-([\d.]+)\}:\$\{[A-Z_]+:-(\d+)\}:(\d+)", published)
+        assert m, f"{name}: {published}"
+        assert m[2] == "127.0.0.1" and int(m[3]) == int(m[4]) == port, published
+    # no default password: `${VAR:?message}` makes compose refuse to start without it
+    password = services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:\?[^}]+\}", password), password
+
+
+def test_compose_builds_the_cuda_variant_the_dockerfile_defaults_to_unless_told() -> None:
+    args = compose()["services"]["imdn"]["build"]["args"]
+    text = DOCKERFILE.read_text()
+    for arg, variable in (("CUDA_IMAGE", "IMDN_CUDA_IMAGE"), ("TORCH_CUDA", "IMDN_TORCH_CUDA")):
+        default = re.search(rf"^ARG {arg}=(\S+)$", text, re.M)
+        assert default, arg
+        assert args[arg] == f"${{{variable}:-{default[1]}}}", args[arg]
 
 
 def test_compose_bind_mounts_exist_and_match_the_provisioning() -> None:
@@ -212,6 +241,9 @@ def test_compose_bind_mounts_exist_and_match_the_provisioning() -> None:
                 assert (REPO / source).exists(), f"bind mount {source} missing"
                 mounts[target] = source
     assert mounts["/etc/prometheus/prometheus.yml"] == "./docker/prometheus/prometheus.yml"
+    # the config's rule_files, relative to it, are mounted beside it
+    for rule_file in load_yaml(PROMETHEUS_CONFIG)["rule_files"]:
+        assert mounts[f"/etc/prometheus/{rule_file}"] == f"./docker/prometheus/{rule_file}"
     assert mounts["/etc/grafana/provisioning"] == "./docker/grafana/provisioning"
     provider = load_yaml(DASHBOARD_PROVIDERS)["providers"][0]
     assert mounts[provider["options"]["path"]] == "./docker/grafana/dashboards"
@@ -229,6 +261,40 @@ def test_promtool_accepts_the_prometheus_config() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_promtool_unit_tests_of_the_alert_rules_pass() -> None:
+    """Each alert fires on a history that breaks its objective, and only then."""
+    promtool = tool("promtool", "apt-get install prometheus")
+    result = subprocess.run(
+        [promtool, "test", "rules", ALERTS_TEST.name],
+        capture_output=True, text=True, timeout=60, cwd=ALERTS_TEST.parent,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_alert_rules_cover_the_objectives_and_each_is_unit_tested() -> None:
+    rules = [r for g in load_yaml(ALERTS)["groups"] for r in g["rules"]]
+    names = {r["alert"] for r in rules}
+    assert names == {
+        "IMDNLatencyP95High", "IMDNServerErrorRatioHigh", "IMDNQueueNearlyFull",
+        "IMDNRejectingRequests", "IMDNNoReadyReplica", "IMDNDeviceMemoryNearLimit",
+        "GPUFramebufferNearFull",
+    }  # fmt: skip
+    assert load_yaml(PROMETHEUS_CONFIG)["rule_files"] == [ALERTS.name]
+    tests = load_yaml(ALERTS_TEST)["tests"]
+    firing = {
+        case["alertname"] for t in tests for case in t["alert_rule_test"] if case["exp_alerts"]
+    }
+    assert firing == names, f"never shown firing: {sorted(names - firing)}"
+    # the service metrics the rules use exist
+    exposed = exposed_metric_names()
+    used = {n for r in rules for n in re.findall(r"\bimdn_\w+", r["expr"])}
+    assert used and used <= exposed, sorted(used - exposed)
+    for r in rules:
+        assert r["labels"]["severity"] in ("warning", "critical") and r["for"]
+        assert r["annotations"]["summary"] and r["annotations"]["description"]
+
+
 def test_prometheus_scrapes_the_service_and_dcgm() -> None:
     jobs = {job["job_name"]: job for job in load_yaml(PROMETHEUS_CONFIG)["scrape_configs"]}
     targets = {
@@ -242,18 +308,69 @@ def test_prometheus_scrapes_the_service_and_dcgm() -> None:
 # ------------------------------------------------------------------ Grafana
 
 
-def test_every_panel_queries_the_provisioned_datasource() -> None:
+def test_every_panel_queries_the_datasource_variable() -> None:
+    """No datasource uid in the JSON: it imports into any Grafana, which asks for one."""
     uid = load_yaml(DATASOURCES)["datasources"][0]["uid"]
+    assert uid not in DASHBOARD.read_text()
     panels = query_panels()
     assert len({p["id"] for p in dashboard()["panels"]}) == len(dashboard()["panels"])
     for panel in panels:
-        assert panel["datasource"] == {"type": "prometheus", "uid": uid}, panel["title"]
+        assert panel["datasource"] == DATASOURCE, panel["title"]
         assert panel["targets"], f"{panel['title']}: no query"
         for target in panel["targets"]:
             assert target["expr"].strip(), f"{panel['title']}: empty expr"
-            assert target["datasource"]["uid"] == uid, panel["title"]
+            assert target["datasource"] == DATASOURCE, panel["title"]
         grid = panel["gridPos"]
         assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+
+
+def test_dashboard_has_datasource_instance_and_model_variables() -> None:
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    assert list(variables) == ["datasource", "instance", "model"]
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for name, source in (("instance", "imdn_ready"), ("model", "imdn_model_parameters")):
+        v = variables[name]
+        assert v["type"] == "query" and v["datasource"] == DATASOURCE
+        assert v["multi"] and v["includeAll"] and v["refresh"] == 2  # on time-range change
+        assert re.fullmatch(rf"label_values\({source}\b.*, {name}\)", v["query"]["query"])
+    # the model list is the loaded models (the gauge exists only for them)
+    assert "$instance" in variables["model"]["query"]["query"]
+    # every service query is limited to the chosen instances
+    for panel in query_panels():
+        if is_dcgm(panel):
+            continue
+        for e in exprs(panel):
+            for selector in re.findall(r"\bimdn_\w+(\{[^}]*\})?", e):
+                assert 'instance=~"$instance"' in selector, (panel["title"], e)
+
+
+def test_error_ratios_split_server_from_client_errors() -> None:
+    by_title = {p["title"]: p for p in query_panels()}
+    [server] = list(exprs(by_title["Server error ratio (5xx) by model"]))
+    [client] = list(exprs(by_title["Client error ratio (4xx) by model"]))
+    assert 'status=~"5.."' in server and "4.." not in server and "2.." not in server
+    assert 'status=~"4.."' in client and "5.." not in client
+    assert 'model=~"$model"' in server
+    # the client panel shows requests refused before a model was chosen (model="unrouted")
+    assert "model=~" not in client
+
+
+def test_table6_panel_has_parameters_time_per_image_and_peak_memory() -> None:
+    [table] = [p for p in query_panels() if p["type"] == "table"]
+    assert "Table 6" in table["title"]
+    targets = table["targets"]
+    assert all(t["instant"] and t["format"] == "table" for t in targets)
+    by_ref = {t["refId"]: t["expr"] for t in targets}
+    assert "imdn_model_parameters" in by_ref["A"]
+    assert "histogram_quantile(0.5, sum by (le, model, scale)" in by_ref["C"]
+    assert "histogram_quantile(0.95, sum by (le, model, scale)" in by_ref["D"]
+    assert "imdn_image_forward_seconds_bucket" in by_ref["C"] + by_ref["D"]
+    assert "max_over_time(imdn_peak_memory_bytes" in by_ref["E"]
+    assert all("by (model, scale)" in e or "by (le, model, scale)" in e for e in by_ref.values())
+    renamed = next(t for t in table["transformations"] if t["id"] == "organize")
+    columns = set(renamed["options"]["renameByName"].values())
+    assert {"parameters", "p50 time per image", "p95 time per image", "peak memory"} <= columns
 
 
 def test_dashboard_queries_parse_as_promql(tmp_path: Path) -> None:
@@ -284,8 +401,14 @@ def exposed_metric_names() -> set[str]:
     m.observe_decode(0.01)
     m.observe_encode(0.01)
     m.count_error("queue_full")
+    m.model_facts("x4", 715_176, 34)
+    m.observe_image_forward("x4", 0.02)
     body, _ = m.render()
-    return {line.split("{")[0].split()[0] for line in body.decode().splitlines() if line[:1] != "#"}
+    names = {
+        line.split("{")[0].split()[0] for line in body.decode().splitlines() if line[:1] != "#"
+    }
+    # the CUDA figures, exported only on a GPU (tests/test_metrics.py checks them there)
+    return names | {f.name for f in CudaCollector(torch.device("cuda", 0)).describe()}
 
 
 def test_service_panels_use_only_metrics_the_service_exposes() -> None:
@@ -323,6 +446,6 @@ def test_latency_quantiles_aggregate_over_replicas() -> None:
     quantiles = sorted(float(re.match(r"histogram_quantile\(([\d.]+),", e)[1]) for e in latency)  # type: ignore[index]
     assert quantiles == [0.5, 0.95, 0.99]
     for e in latency:
-        assert "sum by (le, model) (rate(imdn_request_duration_seconds_bucket[" in e
+        assert re.search(r"sum by \(le, model\) \(rate\(imdn_request_duration_seconds_bucket\{", e)
     histograms = [e for p in query_panels() for e in exprs(p) if "_bucket[" in e]
     assert all(re.search(r"sum by \(le\b", e) for e in histograms), "a quantile per replica"

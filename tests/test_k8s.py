@@ -50,6 +50,9 @@ OVERLAY = K8S / "overlays" / "example"
 KEDA_OVERLAY = K8S / "overlays" / "example-keda"
 KEDA = K8S / "components" / "keda"
 ADAPTER_VALUES = K8S / "prometheus-adapter" / "values.yaml"
+MONITORING = K8S / "monitoring"
+DASHBOARD = REPO / "docker" / "grafana" / "dashboards" / "imdn.json"
+ALERTS = REPO / "docker" / "prometheus" / "alerts.yml"
 DOCKERFILE = REPO / "Dockerfile"
 
 # The oldest Kubernetes we support (docs/kubernetes.md) and the newest schemas shipped.
@@ -174,6 +177,38 @@ def test_builtin_kinds_validate_strictly_against_the_kubernetes_schemas(
         except kv.ValidationError as exc:
             where = ".".join(str(p) for p in exc.path)
             pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} at {where}: {exc.message}")
+
+
+def test_dashboard_configmap_is_the_compose_dashboard_with_the_sidecar_label() -> None:
+    """kube-prometheus-stack's Grafana sidecar loads ConfigMaps labelled
+    grafana_dashboard: "1"; the JSON is the same file the compose Grafana loads."""
+    copy = MONITORING / "imdn.json"
+    assert copy.read_bytes() == DASHBOARD.read_bytes(), (
+        f"{copy} differs from {DASHBOARD}: cp {DASHBOARD.relative_to(REPO)} "
+        f"{copy.relative_to(REPO)}"
+    )
+    objects = kustomize(MONITORING)
+    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "PrometheusRule"]
+    cm = one(objects, "ConfigMap")
+    assert cm["metadata"]["name"] == "imdn-grafana-dashboard"
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["data"] == {"imdn.json": DASHBOARD.read_text()}
+    # `kubectl apply` keeps the object in an annotation limited to 256 KiB
+    assert len(DASHBOARD.read_bytes()) < 200 * 1024
+    kv = kubernetes_validate()
+    for version in KUBE_VERSIONS:
+        kv.validate(cm, version, strict=True)
+
+
+def test_prometheus_rule_holds_the_compose_alert_rules() -> None:
+    """The Prometheus Operator's PrometheusRule carries exactly the groups that
+    docker/prometheus/alerts.yml holds (and promtool tests)."""
+    rule = one(kustomize(MONITORING), "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(rule["spec"]) == {"groups"}
+    assert rule["spec"] == yaml.safe_load(ALERTS.read_text()), (
+        "deploy/k8s/monitoring/prometheusrule.yaml differs from docker/prometheus/alerts.yml"
+    )
 
 
 def test_schema_validation_rejects_a_misspelt_field_and_a_wrong_type() -> None:

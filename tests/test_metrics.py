@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import mmap
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
@@ -14,13 +16,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from service.metrics import (
-    BATCH_SIZE_BUCKETS,
     OUTCOMES,
     SECONDS_BUCKETS,
     Metrics,
+    WindowedPeak,
     peak_memory_bytes,
     reset_peak_memory,
     resident_memory_bytes,
+    seconds_buckets,
 )
 
 EXPECTED_TYPES = {
@@ -30,12 +33,16 @@ EXPECTED_TYPES = {
     "imdn_compute_seconds": "histogram",
     "imdn_decode_seconds": "histogram",
     "imdn_encode_seconds": "histogram",
+    "imdn_image_forward_seconds": "histogram",
     "imdn_batch_size": "histogram",
     "imdn_queue_depth": "gauge",
+    "imdn_queue_capacity": "gauge",
     "imdn_requests_in_flight": "gauge",
     "imdn_peak_memory_bytes": "gauge",
     "imdn_model_load_seconds": "gauge",
     "imdn_model_warmup_seconds": "gauge",
+    "imdn_model_parameters": "gauge",
+    "imdn_model_depth": "gauge",
     "imdn_ready": "gauge",
     "imdn_requests": "counter",
     "imdn_input_pixels": "counter",
@@ -76,10 +83,12 @@ def test_request_is_timed_by_status_and_counted_by_outcome() -> None:
     base = "imdn_request_duration_seconds"
     assert value(m, f"{base}_count", model="x4", status="200") == 2
     assert value(m, f"{base}_sum", model="x4", status="200") == pytest.approx(2.0)
-    assert value(m, f"{base}_bucket", model="x4", status="200", le="0.25") == 0
-    assert value(m, f"{base}_bucket", model="x4", status="200", le="0.5") == 1
-    assert value(m, f"{base}_bucket", model="x4", status="200", le="2.5") == 2
-    assert value(m, f"{base}_bucket", model="x4", status="429", le="0.005") == 1
+    assert value(m, f"{base}_bucket", model="x4", status="200", le="0.2") == 0
+    assert value(m, f"{base}_bucket", model="x4", status="200", le="0.3") == 1
+    assert value(m, f"{base}_bucket", model="x4", status="200", le="1.5") == 1
+    assert value(m, f"{base}_bucket", model="x4", status="200", le="2.0") == 2
+    assert value(m, f"{base}_bucket", model="x4", status="429", le="0.0015") == 0
+    assert value(m, f"{base}_bucket", model="x4", status="429", le="0.002") == 1
     assert value(m, "imdn_requests_total", model="x4", outcome="ok") == 2
     assert value(m, "imdn_requests_total", model="x4", outcome="rejected") == 1
 
@@ -93,13 +102,15 @@ def test_batch_records_size_compute_peak_memory_and_count() -> None:
     m = Metrics()
     m.observe_batch("AS", size=4, seconds=0.02, peak_bytes=123_456_789, device="cuda:0")
     m.observe_batch("AS", size=8, seconds=0.03, peak_bytes=98_765_432, device="cuda:0")
-    assert value(m, "imdn_batch_size_bucket", model="AS", le="2.0") == 0
+    assert value(m, "imdn_batch_size_bucket", model="AS", le="3.0") == 0
     assert value(m, "imdn_batch_size_bucket", model="AS", le="4.0") == 1
+    assert value(m, "imdn_batch_size_bucket", model="AS", le="7.0") == 1
     assert value(m, "imdn_batch_size_bucket", model="AS", le="8.0") == 2
     assert value(m, "imdn_batch_size_sum", model="AS") == 12
     assert value(m, "imdn_compute_seconds_sum", model="AS") == pytest.approx(0.05)
-    # A gauge: the last batch's peak, not the largest one.
-    assert value(m, "imdn_peak_memory_bytes", model="AS", device="cuda:0") == 98_765_432
+    # the highest peak of the window, not the last batch's
+    peak = value(m, "imdn_peak_memory_bytes", model="AS", scale="any", device="cuda:0")
+    assert peak == 123_456_789
     assert value(m, "imdn_batches_total", model="AS") == 2
 
 
@@ -117,6 +128,7 @@ def test_stage_timings_pixels_errors_and_gauges() -> None:
     m.request_started()
     m.request_finished()
     m.set_ready(True)
+    assert value(m, "imdn_queue_wait_seconds_bucket", model="x2", le="0.003") == 0
     assert value(m, "imdn_queue_wait_seconds_bucket", model="x2", le="0.005") == 1
     assert value(m, "imdn_time_to_first_byte_seconds_sum", model="x2") == pytest.approx(0.08)
     assert value(m, "imdn_decode_seconds_count") == 1
@@ -143,21 +155,111 @@ def test_model_loaded_sets_timings_and_starts_its_counters_at_zero() -> None:
         assert value(m, name, model="x3") == 0
 
 
-def test_buckets_span_milliseconds_to_a_minute() -> None:
-    m = Metrics()
+def test_seconds_buckets_run_from_half_a_millisecond_to_past_the_deadline() -> None:
+    m = Metrics(request_timeout_s=30)
     m.compute.labels(model="x4").observe(45.0)
     les = sorted(
         float(s.labels["le"])
         for s in samples(m)
         if s.name == "imdn_compute_seconds_bucket" and s.labels["model"] == "x4"
     )
-    assert les[0] == 0.005 and les[-2] == 60.0 and math.isinf(les[-1])
-    assert les[:-1] == list(SECONDS_BUCKETS)
+    assert les[0] == 0.0005 and les[-2] == 50.0 and math.isinf(les[-1])
+    assert les[:-1] == list(seconds_buckets(30))
+    # a 45 s batch (past the 30 s deadline) is in a finite bucket
+    assert value(m, "imdn_compute_seconds_bucket", model="x4", le="50.0") == 1
+    assert value(m, "imdn_compute_seconds_bucket", model="x4", le="30.0") == 0
+    # the default deadline, 120 s: the top finite bucket is above it
+    assert SECONDS_BUCKETS[0] == 0.0005 and SECONDS_BUCKETS[-2] <= 120 < SECONDS_BUCKETS[-1]
+    # neighbours at most ×1.67 apart: a quantile reads within that of the truth
+    assert all(b / a <= 5 / 3 + 1e-9 for a, b in itertools.pairwise(SECONDS_BUCKETS))
+    for name in ("request_duration", "time_to_first_byte", "queue_wait", "decode", "encode"):
+        assert getattr(m, name)._upper_bounds[:-1] == list(seconds_buckets(30)), name
+
+
+def test_a_queue_wait_is_resolved_to_milliseconds() -> None:
+    """A 5.5 ms wait read as 9.75 ms p95 with 5/10 ms buckets; now within 5-7 ms."""
+    m = Metrics()
+    for _ in range(100):
+        m.observe_queue_wait("x2", 0.0055)
+    text = m.render()[0].decode()
+    buckets = [
+        (float(s.labels["le"]), s.value)
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "imdn_queue_wait_seconds_bucket"
+    ]
+    # the quantile Prometheus computes: linear inside the bucket that holds the 95th
+    upper = next(le for le, count in buckets if count >= 95)
+    lower = max(le for le, count in buckets if le < upper)
+    assert (lower, upper) == (0.005, 0.007)
+
+
+def test_batch_size_has_one_bucket_per_size_up_to_the_maximum() -> None:
+    m = Metrics(max_batch_size=6)
+    assert [s for s in samples(m) if s.name == "imdn_batch_size_bucket"] == []  # no batch yet
+    for _ in range(20):
+        m.observe_batch("x4", 1, 0.1, 1, "cpu")
     sizes = [float(s.labels["le"]) for s in samples(m) if s.name == "imdn_batch_size_bucket"]
-    assert sizes == []  # no batch yet: no series
-    m.observe_batch("x4", 64, 0.1, 1, "cpu")
-    sizes = [float(s.labels["le"]) for s in samples(m) if s.name == "imdn_batch_size_bucket"]
-    assert sizes[:-1] == list(BATCH_SIZE_BUCKETS)
+    assert sizes[:-1] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0] and math.isinf(sizes[-1])
+    # every batch of size 1: the p95 bucket is le=1 (with 1, 2, 4... buckets p95 read 0.95)
+    assert value(m, "imdn_batch_size_bucket", model="x4", le="1.0") == 20
+
+
+def test_peak_memory_keeps_the_highest_batch_of_its_window() -> None:
+    now = [1000.0]
+    peak = WindowedPeak(
+        "peak_test", "test", ("model",), window_s=60, registry=CollectorRegistry(),
+        clock=lambda: now[0],
+    )  # fmt: skip
+    assert peak.value(("x4",)) is None
+    peak.observe(("x4",), 500)
+    now[0] += 10
+    peak.observe(("x4",), 900)  # the peak between two scrapes
+    now[0] += 10
+    peak.observe(("x4",), 300)
+    assert peak.value(("x4",)) == 900
+    now[0] += 55  # 900 is 65 s old: out of the window; 300 is 55 s old
+    assert peak.value(("x4",)) == 300
+    now[0] += 100  # nothing in the window: the last batch's peak, not 0
+    assert peak.value(("x4",)) == 300
+    peak.observe(("x4",), 200)
+    assert peak.value(("x4",)) == 200
+    peak.observe(("x2",), 7)
+    assert peak.value(("x2",)) == 7 and peak.value(("x4",)) == 200
+
+
+def test_model_facts_and_image_forward_are_labelled_with_the_scale() -> None:
+    m = Metrics()
+    m.model_facts("x3", parameters=703_059, depth=34)
+    m.model_facts("AS", parameters=752_104, depth=36)
+    m.observe_image_forward("x3", 0.012)
+    assert value(m, "imdn_model_parameters", model="x3", scale="3") == 703_059
+    assert value(m, "imdn_model_depth", model="AS", scale="any") == 36
+    assert value(m, "imdn_image_forward_seconds_count", model="x3", scale="3") == 1
+    assert value(m, "imdn_image_forward_seconds_bucket", model="x3", scale="3", le="0.015") == 1
+    assert value(m, "imdn_image_forward_seconds_bucket", model="x3", scale="3", le="0.01") == 0
+    assert value(m, "imdn_queue_capacity") == 256
+    assert value(Metrics(max_queue_crops=17), "imdn_queue_capacity") == 17
+
+
+def test_the_cpu_exports_no_device_figures() -> None:
+    m = Metrics()
+    m.watch_device("cpu")
+    assert not [s for s in samples(m) if s.name.startswith("imdn_device_")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_device_figures_follow_the_allocator() -> None:
+    m = Metrics()
+    m.watch_device("cuda")
+    block = torch.empty(64 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    allocated = value(m, "imdn_device_memory_allocated_bytes", device="cuda:0")
+    assert allocated >= 64 * 1024 * 1024
+    assert value(m, "imdn_device_memory_reserved_bytes", device="cuda:0") >= allocated
+    total = value(m, "imdn_device_memory_total_bytes", device="cuda:0")
+    assert total == torch.cuda.get_device_properties(0).total_memory
+    del block
 
 
 def test_two_instances_in_one_process_are_independent() -> None:

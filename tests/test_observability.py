@@ -23,12 +23,14 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from models.evaluate import read_rgb
 from service.bench import lr_from_hr
 from service.cli import main
+from service.report import REPORT_HEADER
 from service.settings import Settings
 from tests.live import live_server
 from tests.prometheus import has_finite_value, running_prometheus, series_value
@@ -71,16 +73,22 @@ class DashboardQuery:
     description: str
     expr: str
 
-    @property
-    def promql(self) -> str:
+    def promql(self, instance: str, models: list[str]) -> str:
+        """The query as Grafana sends it with these instances and models chosen (a
+        multi-value variable becomes a regex alternation)."""
         expr = self.expr
         for variable, value in GRAFANA_WINDOWS.items():
             expr = expr.replace(variable, value)
+        # a regex in a PromQL string: its backslashes escaped again, as Grafana does
+        pattern = re.escape(instance).replace("\\", "\\\\")
+        expr = expr.replace("$instance", pattern).replace("$model", "|".join(models))
+        assert "$" not in expr, expr
         return expr
 
     @property
-    def in_dcgm_row(self) -> bool:
-        return "DCGM" in self.row
+    def in_gpu_row(self) -> bool:
+        """GPU rows: the service's CUDA figures and DCGM's, no data on a CPU."""
+        return self.row.startswith("GPU")
 
 
 def dashboard_queries() -> list[DashboardQuery]:
@@ -114,8 +122,9 @@ class Sent:
 
 def crop_requests(lr: np.ndarray) -> list[Sent]:
     """One round: four same-shape ×2 crops (to share a batch), two ×4, one IMDN_AS at
-    ×2.5 (100×100 out: not a multiple of 4, so the four-crop ACS), and two bad requests
-    (undecodable bytes for ×2, an out-of-range scale) so the error panels have data."""
+    ×2.5 (100×100 out: not a multiple of 4, so the four-crop ACS), two bad requests
+    (undecodable bytes for ×2, an out-of-range scale) so the 4xx panels have data, and a
+    36×36 ×4 image whose forward fails (FAILING_SIDE) so the 5xx panels have data."""
     x2 = [lr[y : y + 40, x : x + 40] for y in (0, 32) for x in (0, 32)]
     return [
         *(Sent(2, png_of(c)) for c in x2),
@@ -124,11 +133,21 @@ def crop_requests(lr: np.ndarray) -> list[Sent]:
         Sent(2.5, png_of(lr[16:56, 16:56])),
         Sent(2, b"not an image at all"),
         Sent(9, png_of(lr[:16, :16])),
+        Sent(4, png_of(lr[:FAILING_SIDE, :FAILING_SIDE])),
     ]
 
 
+FAILING_SIDE = 36
+
+
 def send(client: httpx.Client, request: Sent) -> Sent:
-    r = client.post("/v1/superres", params={"scale": request.scale}, content=request.body)
+    # a connection each: uvicorn closes the one whose request raised (the 500)
+    r = client.post(
+        "/v1/superres",
+        params={"scale": request.scale},
+        content=request.body,
+        headers={"Connection": "close"},
+    )
     request.status = r.status_code
     if r.status_code != 200:
         request.reason = r.json()["reason"]
@@ -139,14 +158,17 @@ def test_every_dashboard_query_has_data_from_a_real_prometheus(
     weights_dir: Path, datasets_dir: Path, tmp_path: Path
 ) -> None:
     queries = dashboard_queries()
-    dcgm = {q.expr for q in queries if q.in_dcgm_row}
-    # the DCGM panels, found by their row, are the ones whose description says DCGM
-    assert dcgm and dcgm == {q.expr for q in queries if "DCGM" in q.description}
+    gpu = {q.expr for q in queries if q.in_gpu_row}
+    # the GPU panels, found by their row, are the ones whose description says so
+    assert gpu and gpu == {
+        q.expr for q in queries if "DCGM" in q.description or "CUDA only" in q.description
+    }
 
     lr = read_rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "birdx4.bmp")  # 72×72
+    models = ["x2", "x4", "AS"]
     settings = Settings(
         weights_dir=weights_dir,
-        models=["x2", "x4", "AS"],
+        models=models,
         warmup=False,  # so every batch in the metrics is a request's
         max_batch_wait_ms=250,  # room for the concurrent ×2 crops to meet in one batch
         request_timeout_s=120,
@@ -157,23 +179,48 @@ def test_every_dashboard_query_has_data_from_a_real_prometheus(
         live_server(settings) as server,
         running_prometheus([server.url.removeprefix("http://")], tmp_path) as prom,
         httpx.Client(base_url=server.url, timeout=120) as client,
-        ThreadPoolExecutor(max_workers=9) as pool,
+        ThreadPoolExecutor(max_workers=10) as pool,
     ):
+        x4 = server.app.state.engine.models["x4"]
+        real = x4.forward
+
+        def failing(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[-1] == FAILING_SIDE:
+                raise RuntimeError("injected device fault")
+            return real(x)
+
+        x4.forward = failing
         prom.targets_up()
         for _ in range(rounds):
             sent += pool.map(lambda r: send(client, r), crop_requests(lr))
             # every request of the round counted in a scrape before the next round
             prom.wait_for_value("sum(imdn_requests_total)", len(sent), timeout=20)
         at = time.time()
-        results = {q.expr: prom.query(q.promql, at=at) for q in queries}
+        instance = server.url.removeprefix("http://")
+        results = {q.expr: prom.query(q.promql(instance, models), at=at) for q in queries}
         mean_batch = prom.query(
             'imdn_batch_size_sum{model="x2"} / imdn_batch_size_count{model="x2"}', at=at
         )
+        # the model variable's options: label_values(imdn_model_parameters, model)
+        model_options = prom.query("group by (model) (imdn_model_parameters)", at=at)
+        everything = prom.query('{__name__=~"imdn_.+"}', at=at)
+        live_metrics = client.get("/metrics").text
 
     statuses = [r.status for r in sent]  # in the order of crop_requests, round by round
-    assert statuses == ([200] * 7 + [400, 422]) * rounds, [(r.scale, r.status) for r in sent]
+    assert statuses == ([200] * 7 + [400, 422, 500]) * rounds, [(r.scale, r.status) for r in sent]
     without_data = {expr for expr, result in results.items() if not has_finite_value(result)}
-    assert without_data == dcgm, "\n".join(sorted(without_data ^ dcgm))
+    assert without_data == gpu, "\n".join(sorted(without_data ^ gpu))
+
+    # every metric a service panel names is in the live exposition (the GPU figures are
+    # checked against their collector in test_deploy_static.py)
+    live_names = {s.name for f in text_string_to_metric_families(live_metrics) for s in f.samples}
+    named = {n for q in queries if not q.in_gpu_row for n in re.findall(r"\bimdn_\w+", q.expr)}
+    assert named and named <= live_names, sorted(named - live_names)
+
+    # no series under a model that is not loaded; refused requests are "unrouted"
+    assert {s["metric"]["model"] for s in model_options} == set(models)
+    labelled = {s["metric"].get("model") for s in everything} - {None}
+    assert labelled == {*models, "unrouted"}
 
     # Some values the panels show, against what the client saw.
     by_expr = {q.panel + "|" + q.expr: results[q.expr] for q in queries}
@@ -184,17 +231,43 @@ def test_every_dashboard_query_has_data_from_a_real_prometheus(
         return found[0]
 
     client_reasons = {r.reason for r in sent if r.reason}
+    assert "internal_error" in client_reasons
     shown_reasons = {
         s["metric"]["reason"] for s in panel("Errors by reason") if series_value(s) > 0
     }
     assert shown_reasons == client_reasons
-    ratio = {s["metric"]["model"]: series_value(s) for s in panel("Error ratio by model")}
-    assert ratio["none"] == 1.0  # the out-of-range scale never reached a model
-    assert 0 < ratio["x2"] < 1 and ratio["x4"] == 0 and ratio["AS"] == 0
+    server_errors = {
+        s["metric"]["model"]: series_value(s) for s in panel("Server error ratio (5xx) by model")
+    }
+    # one ×4 request in three failed; the ×2 400s and the 422 are not server errors
+    assert set(server_errors) == set(models)
+    assert 0 < server_errors["x4"] < 1 and server_errors["x2"] == 0 and server_errors["AS"] == 0
+    client_errors = {
+        s["metric"]["model"]: series_value(s) for s in panel("Client error ratio (4xx) by model")
+    }
+    assert client_errors["unrouted"] == 1.0  # the out-of-range scale never reached a model
+    assert 0 < client_errors["x2"] < 1 and client_errors["x4"] == 0 and client_errors["AS"] == 0
     outcomes = {s["metric"]["outcome"] for s in panel("Requests by outcome") if series_value(s)}
-    assert outcomes == {"ok", "client_error"}
+    assert outcomes == {"ok", "client_error", "error"}
     assert sum(series_value(s) for s in panel("Ready replicas", "sum")) == 1
     assert mean_batch and series_value(mean_batch[0]) > 1, "no ×2 batch held two requests"
+
+    # Table 6: one row per model and scale, the paper's parameters, p50 <= p95, a peak
+    table = "Table 6: parameters, time per image, peak memory"
+    params = {
+        (s["metric"]["model"], s["metric"]["scale"]): series_value(s)
+        for s in panel(table, "imdn_model_parameters")
+    }
+    assert params == {("x2", "2"): 694_404, ("x4", "4"): 715_176, ("AS", "any"): 752_104}
+    p50, p95 = (
+        {(s["metric"]["model"], s["metric"]["scale"]): series_value(s) for s in panel(table, q)}
+        for q in ("histogram_quantile(0.5,", "histogram_quantile(0.95,")
+    )
+    assert set(p50) == set(p95) == set(params)
+    assert all(0 < p50[k] <= p95[k] for k in params)
+    peaks = panel(table, "imdn_peak_memory_bytes")
+    assert {(s["metric"]["model"], s["metric"]["scale"]) for s in peaks} == set(params)
+    assert all(series_value(s) > 0 for s in peaks)
 
 
 # ------------------------------------------------------------------ report, metrics, bench
@@ -260,26 +333,47 @@ def test_report_counts_the_known_sequence_with_the_papers_model_facts(
     known_sequence: KnownSequence,
 ) -> None:
     seq = known_sequence
-    assert seq.report["device"] == "cpu"
-    rows = {row["model"]: row for row in seq.report["models"]}
-    assert set(rows) == {"x2", "x4"}
-    for model, count in (("x2", len(X2_IMAGES)), ("x4", len(X4_IMAGES))):
-        row = rows[model]
+    assert (seq.report["device"], seq.report["device_name"]) == ("cpu", "cpu")
+    assert seq.report["precision"] == "float32"
+    measures = seq.report["measures"]
+    assert {"forward_*_seconds", "request_*_seconds", "peak_memory_mib"} <= set(measures)
+    assert "MiB" in measures["peak_memory_mib"] and "resident" in measures["peak_memory_mib"]
+    rows = {(row["model"], row["scale"]): row for row in seq.report["models"]}
+    assert set(rows) == {("x2", "2"), ("x4", "4")}
+    for model, scale, count in (("x2", "2", len(X2_IMAGES)), ("x4", "4", len(X4_IMAGES))):
+        row = rows[model, scale]
         assert row["requests"] == count
         assert row["parameters"] == PARAMETERS[model] and row["depth"] == DEPTH
-        # the report times arrival to encoded PNG: inside each client round trip
-        assert 0 < row["mean_seconds"] <= row["p95_seconds"] <= max(seq.latencies[model])
-        assert row["peak_memory_mb"] > 0
+        # the request time runs from arrival to encoded PNG: inside each client round trip
+        assert 0 < row["request_p50_seconds"] <= row["request_p95_seconds"]
+        assert row["request_p95_seconds"] <= max(seq.latencies[model])
+        # the forward time is what Server-Timing's `inference` said (0.1 ms resolution)
+        assert row["forward_mean_seconds"] == pytest.approx(
+            float(np.mean(seq.inference[model])), abs=1e-4
+        )
+        # every image's forward is inside its request, so every quantile is too
+        assert 0 < row["forward_p50_seconds"] <= row["request_p50_seconds"]
+        assert row["forward_p95_seconds"] <= row["request_p95_seconds"]
+        assert row["peak_memory_mib"] > 0
 
     assert seq.markdown_type.startswith("text/markdown")
-    table = markdown_rows(seq.report_markdown)
-    assert table["header"][:4] == ["model", "params", "depth", "requests"]
-    for model in ("x2", "x4"):
-        name, params, depth, requests, mean, p95, _peak = table[model]
-        assert (name, params, depth) == (model, f"{PARAMETERS[model]:,}", str(DEPTH))
-        assert int(requests) == rows[model]["requests"]
-        assert float(mean) == pytest.approx(rows[model]["mean_seconds"], abs=1e-4)
-        assert float(p95) == pytest.approx(rows[model]["p95_seconds"], abs=1e-4)
+    md = seq.report_markdown
+    assert md.startswith("Device: cpu. Precision: float32.")
+    assert "MB" not in md  # mebibytes, said so
+    assert "- **forward**: per image: device compute" in md
+    assert "- **peak MiB**: largest per-batch peak" in md
+    table = markdown_rows(md)
+    assert table["header"] == list(REPORT_HEADER)
+    for model, scale in (("x2", "2"), ("x4", "4")):
+        row = rows[model, scale]
+        name, scale_cell, params, depth, requests, fwd50, fwd95, req50, req95, mib = table[model]
+        assert (name, scale_cell, params, depth) == (model, scale, f"{PARAMETERS[model]:,}", "34")
+        assert int(requests) == row["requests"]
+        assert float(fwd50) == pytest.approx(row["forward_p50_seconds"], abs=1e-4)
+        assert float(fwd95) == pytest.approx(row["forward_p95_seconds"], abs=1e-4)
+        assert float(req50) == pytest.approx(row["request_p50_seconds"], abs=1e-4)
+        assert float(req95) == pytest.approx(row["request_p95_seconds"], abs=1e-4)
+        assert float(mib) == pytest.approx(row["peak_memory_mib"], rel=1e-3)
 
 
 def test_metrics_agree_with_the_report_and_the_pixels_sent(known_sequence: KnownSequence) -> None:
@@ -293,7 +387,7 @@ def test_metrics_agree_with_the_report_and_the_pixels_sent(known_sequence: Known
         assert sample_sum(text, "imdn_time_to_first_byte_seconds_count", model=model) == n
         # the histogram stops its clock after the report's (last byte vs encoded PNG)
         duration = sample_sum(text, "imdn_request_duration_seconds_sum", model=model)
-        assert duration >= n * rows[model]["mean_seconds"]
+        assert duration >= n * rows[model]["request_mean_seconds"]
         assert sample_sum(text, "imdn_input_pixels_total", model=model) == seq.input_pixels[model]
         assert sample_sum(text, "imdn_output_pixels_total", model=model) == seq.output_pixels[model]
         # one whole-image batch per request, and its compute is what Server-Timing said
@@ -301,6 +395,11 @@ def test_metrics_agree_with_the_report_and_the_pixels_sent(known_sequence: Known
         assert sample_sum(text, "imdn_compute_seconds_sum", model=model) == pytest.approx(
             sum(seq.inference[model]), abs=1e-3 * n
         )
+        # one image per batch here: the per-image forward time is the batch's compute
+        assert sample_sum(text, "imdn_image_forward_seconds_sum", model=model) == pytest.approx(
+            sum(seq.inference[model]), abs=1e-3 * n
+        )
+        assert sample_sum(text, "imdn_model_parameters", model=model) == PARAMETERS[model]
     assert sample_sum(text, "imdn_decode_seconds_count") == sum(rows[m]["requests"] for m in rows)
     assert sample_sum(text, "imdn_errors_total") == 0
 
