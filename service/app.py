@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from service import api
+from service import api, webui
 from service.engine import Engine
 from service.metrics import Metrics
 from service.report import Report
@@ -39,12 +39,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Image super-resolution with IMDN (ACM MM 2019): PNG in any of the "
         "usual formats, a PNG back at any scale in (1, max].",
         lifespan=lifespan,
+        docs_url=None,  # service/webui.py serves /docs and /redoc with local assets
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.report = Report()
     api.install(app)
+    webui.install(app, settings)
     if settings.cors_origins:  # no CORS headers at all unless origins are configured
         app.add_middleware(
             CORSMiddleware,

@@ -93,6 +93,10 @@ class Settings(BaseSettings):
         "'*'); empty: no CORS middleware, no CORS headers",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    web_ui: bool = Field(
+        True,
+        description="serve the try-it page at / (off: / is a 404; /docs stays)",
+    )
 
     @field_validator("models")
     @classmethod
