@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import mimetypes
 import random
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -163,7 +162,6 @@ async def _send(
         data = await asyncio.to_thread(path.read_bytes)
     except OSError as exc:
         return Outcome(path, False, f"cannot read it: {exc}", 0)
-    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     part = target.with_name(target.name + ".part")
     for attempt in range(retries + 1):
         last = attempt == retries
@@ -173,7 +171,9 @@ async def _send(
                 "/v1/superres",
                 params={"scale": repr(scale)},
                 content=data,
-                headers={"Content-Type": content_type, "Accept": "image/png"},
+                # the server reads the format from the bytes; a label from the file's
+                # name (which differs between systems) could only refuse a good file
+                headers={"Content-Type": "application/octet-stream", "Accept": "image/png"},
             ) as r:
                 if r.status_code == 200:
                     size = await _save(r, part, target)

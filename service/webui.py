@@ -9,6 +9,7 @@ default pages are blank. None of these routes is in the OpenAPI document.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,7 @@ def _docs_router(app: FastAPI) -> APIRouter:
     return router
 
 
-def _file_endpoint(path: Path, media_type: str) -> Any:
+def _file_endpoint(path: Path, media_type: str) -> Callable[[], Awaitable[FileResponse]]:
     """A GET endpoint for one fixed file (no path from the request reaches the disk)."""
 
     async def endpoint() -> FileResponse:
