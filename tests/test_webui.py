@@ -22,7 +22,7 @@ from tests.browser import chromium, guarded_page
 from tests.live import LiveServer, live_server
 
 if TYPE_CHECKING:  # Playwright is optional: tests/browser.py skips without it
-    from playwright.sync_api import Browser
+    from playwright.sync_api import Browser, Page
 
 API_PATHS = {"/healthz", "/readyz", "/metrics", "/v1/models", "/v1/report", "/v1/superres"}
 
@@ -60,6 +60,18 @@ def _small_png(datasets_dir: Path, folder: Path) -> Path:
     path = folder / "bird-crop.png"
     path.write_bytes(_png(arr))
     return path
+
+
+def _record_progress(page: Page) -> None:
+    """Keep every text the progress line shows in `window.progressSeen`."""
+    page.evaluate(
+        """() => {
+          const text = document.getElementById("progress-text");
+          window.progressSeen = [];
+          new MutationObserver(() => window.progressSeen.push(text.textContent))
+            .observe(text, {childList: true, characterData: true, subtree: true});
+        }"""
+    )
 
 
 # Over HTTP: what is served, and what is not
@@ -132,16 +144,30 @@ def test_page_upscales_a_set5_image_x3_and_downloads_it(
     with guarded_page(browser) as g:
         page = g.page
         page.goto(server.url)
-        page.wait_for_function("document.getElementById('server-info').textContent.includes('x3')")
+        page.locator("#server-info", has_text="models x3").wait_for()  # /ui/config read
         assert page.is_disabled(".preset[data-scale='2']")  # x2 is not loaded here
         assert page.is_hidden("#key-panel")  # this server has no API keys
         page.set_input_files("#file", source)
         page.click(".preset[data-scale='3']")
+        _record_progress(page)
+        # an upload slow enough to report progress along the way (the file is 230 kB)
+        cdp = page.context.new_cdp_session(page)
+        cdp.send("Network.enable")
+        cdp.send(
+            "Network.emulateNetworkConditions",
+            {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": 4e5},
+        )
         page.click("#run")
         assert page.get_attribute("#main", "aria-busy") == "true"  # still running
         page.wait_for_selector("#result:not([hidden])")
         assert page.get_attribute("#main", "aria-busy") == "false"
         assert page.is_hidden("#error") and page.is_hidden("#progress-box")
+        shown = page.evaluate("window.progressSeen")
+        percents = [int(m[1]) for t in shown if (m := re.fullmatch(r"uploading (\d+) %", t))]
+        assert any(0 < p < 100 for p in percents), shown
+        assert percents == sorted(percents) and percents[-1] == 100, shown
+        # the upload's progress, then the wait for the server
+        assert shown.index("running on the server…") > shown.index("uploading 100 %"), shown
 
         natural = page.eval_on_selector("#after", "i => [i.naturalWidth, i.naturalHeight]")
         assert natural == [3 * w, 3 * h]
@@ -196,7 +222,7 @@ def test_page_shows_the_problem_title_and_detail(
     with guarded_page(browser) as g:
         page = g.page
         page.goto(server.url)
-        page.wait_for_function("document.getElementById('server-info').textContent.includes('x3')")
+        page.locator("#server-info", has_text="models x3").wait_for()  # /ui/config read
         for path, scale, content_type in cases:
             expected = client.post(
                 f"/v1/superres?scale={scale}",
