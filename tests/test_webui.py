@@ -258,12 +258,16 @@ def test_page_asks_for_the_api_key_and_sends_it_as_bearer(
 ) -> None:
     image = _small_png(datasets_dir, tmp_path)
     settings = Settings(
-        weights_dir=weights_dir, models=["x3"], warmup=False, api_keys=["browser-key"]
+        weights_dir=weights_dir, models=["x3", "AS"], warmup=False, api_keys=["browser-key"]
     )
     with live_server(settings) as srv, guarded_page(browser) as g:
         page = g.page
         page.goto(srv.url)
         page.wait_for_selector("#key-panel:not([hidden])")  # asked before any upload
+        # IMDN_AS takes any scale but 2 and 4, which need their own (absent) networks
+        assert page.inner_text("#scale-hint") == "any value in (1, 8] except 2, 4"
+        enabled = page.eval_on_selector_all(".preset", "bs => bs.map(b => !b.disabled)")
+        assert enabled == [False, True, False]
         page.set_input_files("#file", image)
         page.click("#run")  # no key yet: the server's 401, and the key field focused
         page.wait_for_selector("#error:not([hidden])")

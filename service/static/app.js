@@ -28,17 +28,17 @@ async function loadConfig() {
     return;
   }
   const c = state.config;
+  // 2, 3 and 4 need their own network, even where IMDN_AS takes any other scale
+  const unserved = [2, 3, 4].filter((s) => s <= c.max_scale && !c.fixed_scales.includes(s));
+  const but = unserved.length ? ` except ${unserved.join(", ")}` : "";
   const scales = c.any_scale
-    ? `any scale in (1, ${c.max_scale}]`
-    : `scales ${c.fixed_scales.join(", ")}`;
-  $("server-info").textContent = `models ${c.models.join(", ")} · ${scales}`;
-  $("scale-hint").textContent = c.any_scale
-    ? `any value in (1, ${c.max_scale}]`
+    ? `any value in (1, ${c.max_scale}]${but}`
     : `${c.fixed_scales.join(", ")} only`;
+  $("server-info").textContent = `models ${c.models.join(", ")} · scales: ${scales}`;
+  $("scale-hint").textContent = scales;
   $("scale").max = String(c.max_scale);
   for (const b of document.querySelectorAll(".preset")) {
-    const s = Number(b.dataset.scale);
-    b.disabled = !c.fixed_scales.includes(s) && !(c.any_scale && s <= c.max_scale);
+    b.disabled = !c.fixed_scales.includes(Number(b.dataset.scale));
   }
   if (!c.fixed_scales.includes(Number($("scale").value)) && !c.any_scale) {
     setScale(c.fixed_scales[0]);
