@@ -46,10 +46,11 @@ PAGE_CSP = (
 )
 # Swagger UI's page starts it with an inline script, and both UIs style inline; beyond
 # that they get nothing but this origin (ReDoc's hard-coded logo URL on a CDN included:
-# refused here, it hides itself).
+# refused here, it hides itself). blob: images: Swagger UI's "try it out" shows the PNG.
 DOCS_CSP = (
     "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
-    "img-src 'self' data:; worker-src 'self' blob:; base-uri 'none'; frame-ancestors 'none'"
+    "img-src 'self' data: blob:; worker-src 'self' blob:; base-uri 'none'; "
+    "frame-ancestors 'none'"
 )
 PAGE_HEADERS = {
     "Content-Security-Policy": PAGE_CSP,

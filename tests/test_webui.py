@@ -287,8 +287,8 @@ def test_page_asks_for_the_api_key_and_sends_it_as_bearer(
         assert page.evaluate("localStorage.length") == 0
 
 
-def test_docs_render_with_no_request_leaving_loopback(
-    server: LiveServer, client: httpx.Client, browser: Browser
+def test_docs_render_and_work_with_no_request_leaving_loopback(
+    server: LiveServer, client: httpx.Client, browser: Browser, datasets_dir: Path, tmp_path: Path
 ) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     operations = sum(len(methods) for methods in paths.values())
@@ -298,6 +298,17 @@ def test_docs_render_with_no_request_leaving_loopback(
         page.wait_for_selector(".opblock")
         assert page.locator(".opblock").count() == operations
         assert page.locator(".opblock-summary-path", has_text="/v1/superres").count() == 1
+        # and it works: "try it out" on /v1/superres shows the PNG the server made
+        post = page.locator(".opblock-post", has_text="/v1/superres")
+        post.locator(".opblock-summary").click()
+        post.get_by_role("button", name="Try it out").click()
+        post.locator("tr[data-param-name='scale'] select").select_option("3")
+        post.locator("input[type=file]").set_input_files(_small_png(datasets_dir, tmp_path))
+        post.get_by_role("button", name="Execute").click()
+        shown = post.locator(".live-responses-table img")
+        shown.wait_for()
+        size = shown.evaluate("i => i.decode().then(() => [i.naturalWidth, i.naturalHeight])")
+        assert size == [3 * 56, 3 * 40]
         swagger_urls = g.urls()
         # Swagger UI asks for nothing elsewhere, not even something a CSP would refuse
         assert all(u.startswith(f"{server.url}/") for u in swagger_urls), swagger_urls
