@@ -34,13 +34,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await engine.stop()
 
     app = FastAPI(
+        docs_url=None,  # service/webui.py serves /docs and /redoc with local assets
+        redoc_url=None,
         title="IMDN super-resolution",
         version="0.1.0",
         description="Image super-resolution with IMDN (ACM MM 2019): PNG in any of the "
         "usual formats, a PNG back at any scale in (1, max].",
         lifespan=lifespan,
-        docs_url=None,  # service/webui.py serves /docs and /redoc with local assets
-        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine

@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     # HTTP
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    web_ui: bool = Field(
+        True,
+        description="serve the try-it page at / (off: / is a 404; /docs stays)",
+    )
     api_keys: list[SecretStr] = Field(default_factory=list)
     protect_ops_routes: bool = Field(
         False,
@@ -93,10 +97,6 @@ class Settings(BaseSettings):
         "'*'); empty: no CORS middleware, no CORS headers",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
-    web_ui: bool = Field(
-        True,
-        description="serve the try-it page at / (off: / is a 404; /docs stays)",
-    )
 
     @field_validator("models")
     @classmethod
