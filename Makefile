@@ -18,11 +18,17 @@ $(BIN)/imdn: pyproject.toml
 
 setup: $(BIN)/imdn
 
-# Debian's Prometheus (a real server the tests scrape with, and promtool).
+# Debian's Prometheus (a real server the tests scrape with, and promtool), and Debian's
+# Chromium (the browser tests/test_webui.py drives). Without Chromium those tests skip
+# with the reason, so a failed install of it is reported and not fatal.
 system-tools:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
 	  echo "installing Debian's prometheus package (needs root)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@command -v chromium >/dev/null || { \
+	  echo "installing Debian's chromium package (needs root)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+	  || echo "chromium could not be installed: the browser tests will skip"; }
 
 serve: setup
 	IMDN_WEIGHTS_DIR=$(WEIGHTS_DIR) IMDN_FETCH_WEIGHTS=true $(BIN)/imdn serve

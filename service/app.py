@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from service import api
+from service import api, webui
 from service.engine import Engine
 from service.logs import RequestContextMiddleware
 from service.metrics import Metrics
@@ -63,6 +63,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await engine.stop()
 
     app = FastAPI(
+        docs_url=None,  # service/webui.py serves /docs and /redoc with local assets
+        redoc_url=None,
         title="IMDN super-resolution",
         version="0.1.0",
         description="Image super-resolution with IMDN (ACM MM 2019): PNG in any of the "
@@ -76,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.report = Report()
     api.install(app)
+    webui.install(app, settings)
     if settings.cors_origins:  # no CORS headers at all unless origins are configured
         app.add_middleware(
             CORSMiddleware,

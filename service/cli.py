@@ -121,6 +121,11 @@ def _inputs(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
+def _target(out: Path, path: Path, scale: float) -> Path:
+    """Where the result for `path` goes: `out` itself when it names a file, else inside it."""
+    return out / f"{path.stem}_x{scale:g}.png" if not out.suffix else out
+
+
 def cmd_upscale(args: argparse.Namespace) -> int:
     from service.settings import Settings
 
@@ -133,6 +138,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     out: Path = args.output
     if len(files) > 1 and out.suffix:
         return _fail("several inputs need -o to name a folder")
+    if args.url is not None:
+        return _upscale_remote(args, files, out)
     from service.engine import model_for_scale
 
     # one-off runs skip warm-up: it costs more than it saves for a few images
@@ -159,7 +166,7 @@ async def _upscale_files(settings: object, files: list[Path], scale: float, out:
     failures = 0
     try:
         for path in tqdm(files, desc=f"x{scale:g}", unit="img", disable=len(files) < 2):
-            target = out / f"{path.stem}_x{scale:g}.png" if not out.suffix else out
+            target = _target(out, path, scale)
             try:
                 decoded = imaging.decode(
                     path.read_bytes(), None, max_pixels=settings.max_input_pixels
@@ -185,6 +192,41 @@ async def _upscale_files(settings: object, files: list[Path], scale: float, out:
     finally:
         await engine.stop()
     return 1 if failures else 0
+
+
+def _upscale_remote(args: argparse.Namespace, files: list[Path], out: Path) -> int:
+    """`--url`: the server does the work; this side reads, sends and writes files."""
+    from service.client import ClientError, upscale_remote
+
+    if args.weights_dir is not None or args.device is not None:
+        return _fail("--weights-dir and --device are for local runs; with --url the server's apply")
+    if args.concurrency < 1 or args.retries < 0 or args.timeout <= 0:
+        return _fail("--concurrency must be >= 1, --retries >= 0 and --timeout > 0")
+    url = args.url.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        return _fail(f"--url must start with http:// or https://, got {args.url!r}")
+    try:
+        outcomes = asyncio.run(
+            upscale_remote(
+                url,
+                files,
+                [_target(out, p, args.scale) for p in files],
+                args.scale,
+                api_key=args.api_key or os.environ.get("IMDN_API_KEY") or None,
+                concurrency=args.concurrency,
+                retries=args.retries,
+                timeout_s=args.timeout,
+            )
+        )
+    except ClientError as exc:
+        return _fail(str(exc))
+    failed = sum(not o.ok for o in outcomes)
+    retried = sum(o.retries for o in outcomes)
+    print(
+        f"{len(outcomes) - failed} of {len(outcomes)} done, {failed} failed, {retried} retries",
+        file=sys.stderr,
+    )
+    return 1 if failed else 0
 
 
 # eval, profile, fetch-weights
@@ -312,12 +354,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fetch-weights", action="store_true", help="download missing checkpoints")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("upscale", help="super-resolve files or folders without HTTP")
+    p = sub.add_parser(
+        "upscale",
+        help="super-resolve files or folders, here or (--url) on a running server",
+    )
     p.add_argument("inputs", nargs="+", type=Path)
     p.add_argument("--scale", type=float, required=True)
     p.add_argument("-o", "--output", type=Path, default=Path("."), help="file or folder")
     p.add_argument("--weights-dir", type=Path)
     p.add_argument("--device")
+    remote = p.add_argument_group("client of a running server")
+    remote.add_argument(
+        "--url", help="send each file to the IMDN server at this address instead of running here"
+    )
+    remote.add_argument(
+        "--api-key", help="the server's API key (default: $IMDN_API_KEY, which ps cannot show)"
+    )
+    remote.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    remote.add_argument(
+        "--retries",
+        type=int,
+        default=5,
+        help="times one file is tried again after 429/503 (Retry-After) or a lost "
+        "connection (default 5)",
+    )
+    remote.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds per request (default 300)"
+    )
     p.set_defaults(func=cmd_upscale)
 
     p = sub.add_parser("eval", help="PSNR/SSIM with the paper's protocol (Table 5)")

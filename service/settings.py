@@ -102,6 +102,10 @@ class Settings(BaseSettings):
     # HTTP
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    web_ui: bool = Field(
+        True,
+        description="serve the try-it page at / (off: / is a 404; /docs stays)",
+    )
     api_keys: list[SecretStr] = Field(default_factory=list)
     protect_ops_routes: bool = Field(
         False,
