@@ -126,8 +126,8 @@ class Engine:
             await self.runner.call(self.runner.load, name)
             m = self.models[name]
             self.metrics.model_loaded(name, m.load_seconds, m.warmup_seconds)
-            for _, h, w, seconds in self.runner.warm_timings.get(name, []):
-                batcher.throughput.observe(name, h * w, seconds)  # one crop per pixel count
+            for batch, h, w, seconds in self.runner.warm_timings.get(name, []):
+                batcher.throughput.observe(name, batch * h * w, seconds)
             log.info(
                 "model %s (backend %s) loaded in %.2fs, warm in %.2fs (%d warm-up shapes)",
                 name,
