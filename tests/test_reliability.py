@@ -569,6 +569,9 @@ def test_sigterm_drains_in_flight_requests_and_exits_cleanly(
         "IMDN_TILE_MAX_PIXELS": str(80 * 80),
         "IMDN_MAX_BATCH_SIZE": "4",
         "IMDN_REQUEST_TIMEOUT_S": str(grace_s),
+        # no measured throughput before the three arrive: on a loaded machine, admission
+        # by cost could answer the third 429 and it would never be in flight
+        "IMDN_WARMUP": "false",
     }
     big = rgb(datasets_dir / "Set14" / "HR" / "baboon.png")[:128, :128]
     with imdn_serve(weights_dir, tmp_path, env) as srv:
