@@ -175,7 +175,20 @@ class Batcher:
         return total
 
     def submit(self, key: Key, count: int, payload: object, deadline: float) -> Ticket:
-        """Admit `count` crops of `key`, or raise `TooCostly` / `QueueFull`."""
+        """Admit `count` crops of `key` (see `admit`) and queue them."""
+        self.admit(key, count, deadline)
+        ticket = Ticket(
+            key, count, deadline, payload, asyncio.get_running_loop().create_future(), self.clock()
+        )
+        self._queues.setdefault(key, deque()).append(ticket)
+        self._queued += count
+        self.metrics.set_queue_depth(self._queued)
+        self._arrived.set()
+        return ticket
+
+    def admit(self, key: Key, count: int, deadline: float) -> None:
+        """Raise `TooCostly` or `QueueFull` unless `count` crops of `key` fit now. The
+        engine asks before it prepares a request's crops; `submit` asks again."""
         if count < 1:
             raise ValueError("a ticket needs at least one crop")
         now = self.clock()
@@ -208,14 +221,6 @@ class Batcher:
                 f"{budget:.1f}s deadline",
                 retry_after_s=_retry_after(ahead + own - budget),
             )
-        ticket = Ticket(
-            key, count, deadline, payload, asyncio.get_running_loop().create_future(), now
-        )
-        self._queues.setdefault(key, deque()).append(ticket)
-        self._queued += count
-        self.metrics.set_queue_depth(self._queued)
-        self._arrived.set()
-        return ticket
 
     def drop(self, ticket: Ticket) -> None:
         """Forget a ticket whose request ended (done, timed out or cancelled)."""

@@ -188,10 +188,13 @@ class Engine:
             deadline = time.perf_counter() + self.settings.request_timeout_s
         bits = pixels.bits_of(image)
         target = output_size(image.shape[0], image.shape[1], scale)
-        plan, job, canvas, (h, w) = await asyncio.to_thread(
-            self._prepare, model, image, target, grey, bits
-        )
+        # refuse what cannot fit before any pixel moves (the plan needs only the sizes)
+        plan = self._plan_for(model, *(target if model.scale == 1 else image.shape[:2]))
         key = (name, *plan.shape)
+        batcher.admit(key, len(plan.crops.crops), deadline)
+        job, canvas, (h, w) = await asyncio.to_thread(
+            self._prepare, model, plan, image, target, grey, bits
+        )
         ticket = batcher.submit(key, job.crops.shape[0], job, deadline)
         try:
             served = await asyncio.wait_for(
@@ -214,26 +217,35 @@ class Engine:
             peak_memory_bytes=served.peak_memory_bytes,
         )
 
+    def _padded_size(self, model: LoadedModel, height: int, width: int) -> tuple[int, int]:
+        """The size the network sees: a side below the size rule is padded up to it; with
+        buckets every side is (the masked forward needs IMDN_AS's valid region aligned
+        to its stride of 4)."""
+        m = model.size_multiple
+        if min(height, width) < m or (self.planner.buckets and (height % m or width % m)):
+            return -(-height // m) * m, -(-width // m) * m
+        return height, width
+
+    def _plan_for(self, model: LoadedModel, height: int, width: int) -> Plan:
+        return self.plan(model, *self._padded_size(model, height, width))
+
     def _prepare(
         self,
         model: LoadedModel,
+        plan: Plan,
         image: np.ndarray,
         target: tuple[int, int],
         grey: bool,
         bits: int,
-    ) -> tuple[Plan, Job, torch.Tensor, tuple[int, int]]:
-        """Upload, normalise, resize (IMDN_AS), plan and cut into padded crops, on the
-        device; and the request's integer canvas with the `paste` that fills it."""
+    ) -> tuple[Job, torch.Tensor, tuple[int, int]]:
+        """Upload, normalise, resize (IMDN_AS) and cut into padded crops on the device, as
+        `plan` says; and the request's integer canvas with the `paste` that fills it."""
         x = pixels.to_unit(image, self.device)
         if model.scale == 1:  # IMDN_AS restores a bicubic-upscaled image of the target size
             x = imresize_tensor(x, size=target).clamp_(0, 1)
         h, w = x.shape[-2:]
-        m = model.size_multiple
-        # a side below the size rule is padded; with buckets every side is (the masked
-        # forward needs IMDN_AS's valid region aligned to its stride of 4)
-        if min(h, w) < m or (self.planner.buckets and (h % m or w % m)):
-            x = acs.pad_to_multiple(x, m)[0]
-        plan = self.plan(model, *x.shape[-2:])
+        if (plan.crops.height, plan.crops.width) != (h, w):
+            x = acs.pad_to_multiple(x, model.size_multiple)[0]
         crops = acs.extract(x, plan.crops)
         crop_h, crop_w = plan.crops.crop_h, plan.crops.crop_w
         if plan.padded:
@@ -254,4 +266,4 @@ class Engine:
                 acs.paste(canvas, quantised[j : j + 1], plan.crops, first + j, scale=s)
 
         valid = torch.tensor([[crop_h, crop_w]], device=self.device).expand(crops.shape[0], 2)
-        return plan, Job(crops, valid, paste), canvas, (h, w)
+        return Job(crops, valid, paste), canvas, (h, w)
