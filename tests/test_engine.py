@@ -26,6 +26,9 @@ from service.settings import Settings
 from tests.live import live_server
 
 SCALES = (2, 3, 4, 2.5)
+# exactness and cost figures hold for the CPU in fp32: pinned there on any host
+# (tests/test_gpu.py covers CUDA with tolerances)
+CPU: dict[str, str] = {"device": "cpu", "precision": "fp32"}
 
 
 def whole(model: torch.nn.Module, lr: np.ndarray) -> np.ndarray:
@@ -100,8 +103,10 @@ def test_bench_reports_the_shapes_the_device_ran(weights_dir: Path, datasets_dir
 
 @pytest.fixture(scope="module")
 def bucketed(weights_dir: Path):  # type: ignore[no-untyped-def]
-    """x4 and IMDN_AS with buckets on and 64-px tiles (128-px for... IMDN_AS: 256)."""
+    """x4 and IMDN_AS on the CPU with buckets on: tile sides 64 and 32 px for x4, 256 and
+    128 px for IMDN_AS (the budget counts its quarter-resolution features)."""
     settings = Settings(
+        **CPU,
         weights_dir=weights_dir,
         models=["x4", "AS"],
         shape_buckets="on",
@@ -188,7 +193,7 @@ def test_integer_pixels_through_the_engine_are_the_float_path_bit_for_bit(
     assert decoded.pixels.dtype == (np.uint16 if kind == "grey16" else np.uint8)
 
     async def run() -> np.ndarray:
-        engine = Engine(Settings(weights_dir=weights_dir, models=["x4"], warmup=False))
+        engine = Engine(Settings(**CPU, weights_dir=weights_dir, models=["x4"], warmup=False))
         await engine.start()
         try:
             result = await engine.upscale(decoded.pixels, 4, grey=decoded.grey)
@@ -219,6 +224,7 @@ def test_a_request_that_can_never_fit_is_413_at_once(weights_dir: Path, datasets
     small = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "birdx4.bmp")[:16, :16]
     for extra in ({"max_queue_crops": 8}, {"request_timeout_s": 0.5}):
         settings = Settings(
+            **CPU,
             weights_dir=weights_dir,
             models=["x4"],
             tile_max_pixels=48 * 48,

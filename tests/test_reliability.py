@@ -526,6 +526,7 @@ def test_past_its_deadline_a_request_is_504_and_its_work_dropped(
     settings = Settings(
         weights_dir=weights_dir,
         models=["x4"],
+        device="cpu",  # a deadline the CPU misses; a GPU might not
         request_timeout_s=0.5,
         tile_max_pixels=80 * 80,
         max_batch_size=4,

@@ -53,6 +53,7 @@ def test_compile_backend_warms_every_shape_and_keeps_its_cache(
     weights_dir: Path, tmp_path: Path, recorder: Recorder
 ) -> None:
     settings = Settings(
+        device="cpu",
         weights_dir=weights_dir,
         models=["x4"],
         backend="compile",  # shape_buckets auto: on with the compile backend
