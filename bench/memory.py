@@ -69,7 +69,7 @@ def child(side: int, budget: int, backend: str) -> dict[str, float]:
             _reset_peak()
             before = _kb("VmRSS")
             decoded = imaging.decode(body.getvalue(), "image/png", max_pixels=side * side)
-            result = await engine.upscale(decoded.rgb, SCALE)
+            result = await engine.upscale(decoded.pixels, SCALE, grey=decoded.grey)
             upscale_peak = _kb("VmHWM")
             pixels = imaging.compose(decoded, result.image)
             del result

@@ -325,6 +325,33 @@ def grid_plan(
     )
 
 
+def side_grid_plan(
+    height: int, width: int, *, side: int, padding: int = 32, multiple: int = 1
+) -> CropPlan:
+    """Crops no longer than `side` on either axis, for fixed-shape batches.
+
+    An axis that fits in `side` is one crop covering it (any length: the caller pads the
+    crop into its bucket); a longer axis gets the fewest crops of exactly `side` pixels
+    that leave `padding` context at each seam (starts spread evenly, interior ones
+    aligned to `multiple`). All crops of a plan share one shape, at most side x side.
+    """
+    if side < 1 or side % multiple:
+        raise ValueError(f"side {side} must be a positive multiple of {multiple}")
+
+    def axis(size: int) -> tuple[int, tuple[_Span, ...]]:
+        if size <= side:
+            return size, (_Span(0, 0, size),)
+        rule = _AxisRule(size, padding, multiple)
+        fit = rule.fewest(side)
+        if fit is None or 2 * padding >= side:
+            raise ValueError(f"a side of {size} px cannot be cut into crops of {side} px")
+        return side, rule.spans(max(2, fit[0]), side)
+
+    crop_h, rows = axis(height)
+    crop_w, cols = axis(width)
+    return _plan_from_axes(height, width, crop_h, crop_w, rows, cols)
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """Replicate-pad the bottom and right of `x` (N, C, H, W) up to multiples of `multiple`.
 

@@ -19,9 +19,14 @@ Both exported backends run `split_free(model)`: the same function, bit for bit, 
 distillation step as two convolutions instead of one and a channel split, which both
 runtimes execute as a slow copy (~5 % of OpenVINO's time; ~9 % faster under ONNX Runtime).
 
-`torch.compile` and TorchScript freezing were measured and left out: on this CPU neither
-came near OpenVINO, TorchScript was slower than eager, and compile took 23-65 s for each
-new input shape (docs/benchmarks.md).
+- ``compile``: `torch.compile` of the module (static shapes; mode from `compile_mode`,
+  by default ``max-autotune-no-cudagraphs``), channels-last on CUDA. Meant for CUDA with
+  fixed shape buckets: each (shape, batch size) is compiled once during warm-up (the
+  service falls back to the same module, eager, for a shape it did not warm). On the
+  CPU it works but compiles slowly (23-65 s per shape) and was not faster than
+  OpenVINO (docs/benchmarks.md).
+
+TorchScript freezing was measured and left out: slower than eager here.
 The choice is the service's `IMDN_BACKEND`; ``auto`` resolves by `resolve_backend`.
 """
 
@@ -41,10 +46,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.imdn import IMDN, LEAKY_SLOPE, InformationMultiDistillationBlock
+from models.masked import masked_forward
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
-BackendName = Literal["eager", "channels_last", "onnxruntime", "openvino"]
-BACKENDS: tuple[BackendName, ...] = ("eager", "channels_last", "onnxruntime", "openvino")
+MaskedForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (crops, valid sizes)
+BackendName = Literal["eager", "channels_last", "onnxruntime", "openvino", "compile"]
+BACKENDS: tuple[BackendName, ...] = ("eager", "channels_last", "onnxruntime", "openvino", "compile")
+CompileMode = Literal["max-autotune-no-cudagraphs", "max-autotune", "default", "reduce-overhead"]
 # the Python module each optional backend needs, and the extra that installs it
 _NEEDS = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino")}
 # the order `auto` tries on the CPU: fastest first (docs/benchmarks.md)
@@ -84,19 +92,33 @@ def resolve_backend(name: str, device: torch.device) -> BackendName:
     return backend
 
 
-def prepare(model: IMDN, backend: str, device: torch.device, dtype: torch.dtype) -> Forward:
+def prepare(
+    model: IMDN,
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    in_place: bool = False,
+    compile_mode: CompileMode = "max-autotune-no-cudagraphs",
+) -> Forward:
     """A forward function for `model` on `device` in `dtype`, run by `backend`.
 
-    The model is copied, never changed in place. Exported backends (ONNX Runtime,
+    The model is copied unless `in_place` (the service's runner: one copy of each network
+    on the device, moved and converted in place). Exported backends (ONNX Runtime,
     OpenVINO) run on the CPU in float32 only, and take CPU tensors.
     """
     name = resolve_backend(backend, device)
-    network = copy.deepcopy(model).to(device, dtype=dtype).eval()
+    network = (model if in_place else copy.deepcopy(model)).to(device, dtype=dtype).eval()
     if name == "eager":
         return _module_forward(network, memory_format=torch.contiguous_format)
     if name == "channels_last":
         network = network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         return _module_forward(network, memory_format=torch.channels_last)
+    if name == "compile":
+        fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        network = network.to(memory_format=fmt)  # type: ignore[call-overload]
+        compiled = torch.compile(network, mode=compile_mode, dynamic=False)
+        return _module_forward(compiled, memory_format=fmt)
     if dtype != torch.float32:
         raise BackendUnavailable(f"backend {name!r} runs in float32 only, not {dtype}")
     sample = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -104,6 +126,40 @@ def prepare(model: IMDN, backend: str, device: torch.device, dtype: torch.dtype)
     if name == "onnxruntime":
         return _onnxruntime_forward(network, sample)
     return _openvino_forward(network, sample)
+
+
+def prepare_masked(
+    model: IMDN,
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    compile_mode: CompileMode = "max-autotune-no-cudagraphs",
+) -> MaskedForward:
+    """`models.masked.masked_forward` of `model` (moved to `device` and `dtype` in place),
+    run by `backend`: what fixed-shape batches of padded crops run. The exported
+    backends have no masked form."""
+    name = resolve_backend(backend, device)
+    network = model.to(device, dtype=dtype).eval()
+    fmt = torch.contiguous_format
+    if name == "channels_last" or (name == "compile" and device.type == "cuda"):
+        fmt = torch.channels_last
+        network = network.to(memory_format=fmt)  # type: ignore[call-overload]
+    elif name != "eager" and name != "compile":
+        raise BackendUnavailable(f"backend {name!r} cannot run padded crops (shape buckets)")
+
+    def run(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return masked_forward(network, x.contiguous(memory_format=fmt), valid)
+
+    step: MaskedForward = run
+    if name == "compile":
+        step = torch.compile(run, mode=compile_mode, dynamic=False)
+
+    def forward(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return step(x, valid).contiguous()
+
+    return forward
 
 
 class SplitFreeBlock(nn.Module):
@@ -146,7 +202,9 @@ def split_free(model: IMDN) -> IMDN:
     return copied
 
 
-def _module_forward(network: nn.Module, *, memory_format: torch.memory_format) -> Forward:
+def _module_forward(
+    network: Callable[[torch.Tensor], torch.Tensor], *, memory_format: torch.memory_format
+) -> Forward:
     def forward(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             y: torch.Tensor = network(x.contiguous(memory_format=memory_format))

@@ -30,7 +30,18 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from service import imaging
-from service.engine import FIXED_SCALES, Engine, EngineError, QueueFull, UpscaleResult
+from service.engine import (
+    FIXED_SCALES,
+    DeadlineExceeded,
+    DeviceOutOfMemory,
+    Engine,
+    EngineError,
+    NotReady,
+    QueueFull,
+    ScaleNotServed,
+    TooCostly,
+    UpscaleResult,
+)
 from service.logs import REQUEST_ID_HEADER, current_request_id
 from service.metrics import UNROUTED, Metrics
 from service.negotiation import MEDIA_TYPES, NotAcceptable, choose_format
@@ -545,7 +556,7 @@ async def _superres(
             fmt = _negotiate(accept, alpha=True)
         out_h, out_w = imaging.output_size(decoded.height, decoded.width, scale)
         imaging.check_output_pixels(out_h, out_w, settings.max_output_pixels)
-        result = await _upscale_watching_disconnect(request, engine, decoded.rgb, scale)
+        result = await _upscale_watching_disconnect(request, engine, decoded, scale)
         t0 = time.perf_counter()
         pixels = await asyncio.to_thread(imaging.compose, decoded, result.image)
         composed = time.perf_counter()
@@ -607,17 +618,11 @@ async def _superres(
         status, outcome = exc.status, "client_error"
         metrics.count_error(exc.reason)
         raise
-    except QueueFull as exc:
-        status, outcome = 429, "rejected"
-        metrics.count_error(exc.reason)
-        raise ProblemError(
-            429, exc.reason, str(exc), headers={"Retry-After": f"{exc.retry_after_s:.0f}"}
-        ) from exc
     except EngineError as exc:
-        status = exc.status
-        outcome = {504: "timeout", 503: "rejected"}.get(exc.status, "client_error")
+        status, outcome = engine_error_status(exc)
         metrics.count_error(exc.reason)
-        raise ProblemError(exc.status, exc.reason, str(exc)) from exc
+        retry = {"Retry-After": f"{exc.retry_after_s:.0f}"} if isinstance(exc, QueueFull) else None
+        raise ProblemError(status, exc.reason, str(exc), headers=retry) from exc
     except ClientDisconnect:  # gone mid-upload, or while its image was in the engine
         status, outcome = 499, "cancelled"
         metrics.count_error("client_disconnected")
@@ -648,11 +653,33 @@ def _server_timing(stages: list[tuple[str, float]]) -> str:
     return ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in stages)
 
 
+# The engine's errors say what went wrong; this table says what a client is told.
+# TooCostly is 413: the request itself is too large for this server (its crops alone
+# outlast the deadline at the measured throughput, or outnumber the queue), and sending
+# it again will not help; 503 would tell the client to retry.
+ENGINE_ERRORS: dict[type[EngineError], tuple[int, str]] = {
+    ScaleNotServed: (422, "client_error"),
+    TooCostly: (413, "rejected"),
+    QueueFull: (429, "rejected"),
+    DeadlineExceeded: (504, "timeout"),
+    DeviceOutOfMemory: (503, "rejected"),
+    NotReady: (503, "rejected"),
+}
+
+
+def engine_error_status(exc: EngineError) -> tuple[int, str]:
+    """(HTTP status, request outcome) for an engine error; 500 for one not in the table."""
+    for cls in type(exc).__mro__:
+        if cls in ENGINE_ERRORS:
+            return ENGINE_ERRORS[cls]
+    return 500, "error"
+
+
 async def _upscale_watching_disconnect(
-    request: Request, engine: Engine, rgb: Any, scale: float
+    request: Request, engine: Engine, decoded: imaging.DecodedImage, scale: float
 ) -> UpscaleResult:
     """Run the upscale, cancelling it (and dropping its queued crops) if the client leaves."""
-    work = asyncio.ensure_future(engine.upscale(rgb, scale))
+    work = asyncio.ensure_future(engine.upscale(decoded.pixels, scale, grey=decoded.grey))
 
     async def watch() -> None:
         while not work.done():

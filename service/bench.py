@@ -25,6 +25,7 @@ import numpy.typing as npt
 import torch
 from tqdm import tqdm
 
+from models.device import resolve_device
 from models.evaluate import list_images, read_rgb
 from models.quality import imresize, modcrop
 from service.engine import Engine, model_for_scale
@@ -55,6 +56,7 @@ class BenchCell:
     images: int
     seconds_per_image: float  # mean wall time of `Engine.upscale`, LR in memory to SR array
     peak_memory_mb: float  # the largest per-image peak over the data set, MiB
+    batch_shapes: list[list[int]]  # the distinct [h, w] crop shapes the device ran
 
 
 @dataclass
@@ -119,20 +121,23 @@ def models_for(scales: Sequence[float]) -> list[str]:
 def bench_settings(
     scales: Sequence[float], *, weights_dir: Path | None = None, device: str | None = None
 ) -> Settings:
-    """The service's settings (tiling, batch size, precision), with the models `scales`
-    need. Two differences: no synthetic warm-up (`run_bench` warms each model on a real
-    image), and no batch wait, since images come one at a time and no other request
-    could join a batch (the service waits `max_batch_wait_ms` for one)."""
+    """The service's settings (tiling, batch size, precision, shape buckets), with the
+    models `scales` need. Two differences: no synthetic warm-up unless shape buckets are
+    on (`run_bench` warms each model on a real image; with buckets the warm-up is what
+    keeps tuning off the timed images, as in the service), and no batch wait, since
+    images come one at a time and no other request could join a batch (the service
+    waits `max_batch_wait_ms` for one)."""
     overrides: dict[str, Any] = {
         "models": models_for(scales),
-        "warmup": False,
         "max_batch_wait_ms": 0,
     }
     if weights_dir is not None:
         overrides["weights_dir"] = weights_dir
     if device is not None:
         overrides["device"] = device
-    return Settings(**overrides)
+    settings = Settings(**overrides)
+    buckets = settings.buckets_on(resolve_device(settings.device))
+    return settings.model_copy(update={"warmup": buckets})
 
 
 def dataset_name(folder: Path) -> str:
@@ -223,6 +228,7 @@ async def _bench_cell(
 ) -> BenchCell:
     seconds: list[float] = []
     peaks: list[int] = []
+    engine.batch_shapes.clear()
     bar = tqdm(files, desc=f"{dataset} ×{scale:g}", unit="img", disable=not progress, leave=False)
     for i, path in enumerate(bar):
         lr = lr_from_hr(read_rgb(path), scale).astype(np.float32) / 255
@@ -241,4 +247,5 @@ async def _bench_cell(
         images=len(seconds),
         seconds_per_image=float(np.mean(seconds)),
         peak_memory_mb=max(peaks) / 2**20,
+        batch_shapes=sorted([h, w] for shapes in engine.batch_shapes.values() for h, w in shapes),
     )

@@ -173,7 +173,7 @@ async def _upscale_files(settings: object, files: list[Path], scale: float, out:
                 )
                 h, w = imaging.output_size(decoded.height, decoded.width, scale)
                 imaging.check_output_pixels(h, w, settings.max_output_pixels)
-                result = await engine.upscale(decoded.rgb, scale)
+                result = await engine.upscale(decoded.pixels, scale, grey=decoded.grey)
                 image = imaging.compose(decoded, result.image)
                 png = b"".join(
                     imaging.encode_png(

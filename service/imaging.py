@@ -84,6 +84,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
+from functools import cached_property
 from typing import ClassVar, Literal, Protocol
 
 import numpy as np
@@ -242,8 +243,9 @@ def _resolve_format(data: bytes, content_type: str | None) -> str:
 class DecodedImage:
     """An upright input image as the network and `compose` need it."""
 
-    rgb: np.ndarray
-    """float32 HxWx3 in [0, 1]; a grey image's plane replicated three times."""
+    pixels: np.ndarray
+    """uint8 or uint16 (`bits`) HxWx3, as decoded and oriented; a grey image's plane
+    replicated three times. What the engine uploads: it normalises on the device."""
     alpha: np.ndarray | None
     """float32 HxW in [0, 1], or None when the input has no transparency."""
     grey: bool
@@ -254,13 +256,18 @@ class DecodedImage:
     format: str
     """The input's format: one of `ALLOWED_FORMATS`."""
 
+    @cached_property
+    def rgb(self) -> np.ndarray:
+        """float32 HxWx3 in [0, 1] (`pixels` / 255 or / 65535), made on first use."""
+        return _unit_float(self.pixels, self.bits)
+
     @property
     def height(self) -> int:
-        return int(self.rgb.shape[0])
+        return int(self.pixels.shape[0])
 
     @property
     def width(self) -> int:
-        return int(self.rgb.shape[1])
+        return int(self.pixels.shape[1])
 
 
 # Pillow's decode errors: open() wraps most into UnidentifiedImageError (an OSError); load()
@@ -765,10 +772,8 @@ def decode(data: bytes, content_type: str | None, *, max_pixels: int) -> Decoded
     grey = planes.colour.shape[2] == 1
     colour = _orient(planes.colour, orientation)
     alpha = None if planes.alpha is None else _orient(planes.alpha, orientation)
-    unit = _unit_float(colour, planes.bits)
-    rgb = np.repeat(unit, 3, axis=2) if grey else unit
     return DecodedImage(
-        rgb=rgb,
+        pixels=np.repeat(colour, 3, axis=2) if grey else np.ascontiguousarray(colour),
         alpha=None if alpha is None else _unit_float(alpha, planes.bits),
         grey=grey,
         bits=planes.bits,
@@ -833,12 +838,17 @@ COMPOSE_BAND_PIXELS = 1 << 18
 def compose(decoded: DecodedImage, rgb_out: np.ndarray) -> np.ndarray:
     """The output pixels at `rgb_out`'s size, in the input's kind and depth.
 
-    `rgb_out` is the network's H'xW'x3 float output in [0, 1]. Returns uint8 or uint16
-    (`decoded.bits`), H'xW'xC with C = 1 grey, 2 grey + alpha, 3 RGB, 4 RGBA: grey inputs
-    come back grey (BT.601 luma of the three planes), alpha is resized on its own
-    (bicubic, clipped) and re-attached. Quantised a band of rows at a time, straight
-    into the result, so a large output costs its uint8 pixels and little more.
+    `rgb_out` is either what the engine returns, already quantised on the device
+    (uint8/uint16 as `decoded.bits`, H'xW'x1 for a grey input, else H'xW'x3), or the
+    network's H'xW'x3 float output in [0, 1], quantised here as the engine does it
+    (`np.rint` of x * 255, then clipped). Returns uint8 or uint16 (`decoded.bits`),
+    H'xW'xC with C = 1 grey, 2 grey + alpha, 3 RGB, 4 RGBA: grey inputs come back grey
+    (BT.601 luma of the three planes), alpha is resized on its own (bicubic, clipped)
+    and re-attached. Float input is quantised a band of rows at a time, straight into
+    the result, so a large output costs its integer pixels and little more.
     """
+    if rgb_out.dtype.kind in "ui":
+        return _attach_alpha(decoded, rgb_out)
     if rgb_out.ndim != 3 or rgb_out.shape[2] != 3 or rgb_out.dtype.kind != "f":
         raise ValueError(f"rgb_out must be float HxWx3, got {rgb_out.dtype} {rgb_out.shape}")
     if not np.isfinite(np.sum(rgb_out, dtype=np.float64)):
@@ -860,6 +870,27 @@ def compose(decoded: DecodedImage, rgb_out: np.ndarray) -> np.ndarray:
             out[band, :, :3] = _quantise(rgb, decoded.bits)
         if alpha is not None:
             out[band, :, -1] = _quantise(alpha[band], decoded.bits)
+    return out
+
+
+def _attach_alpha(decoded: DecodedImage, quantised: np.ndarray) -> np.ndarray:
+    """The engine's quantised output with the input's alpha (resized) re-attached."""
+    dtype = np.uint16 if decoded.bits == 16 else np.uint8
+    planes = 1 if decoded.grey else 3
+    if quantised.ndim != 3 or quantised.shape[2] != planes or quantised.dtype != dtype:
+        raise ValueError(
+            f"quantised output must be {np.dtype(dtype).name} HxWx{planes} for this input, "
+            f"got {quantised.dtype} {quantised.shape}"
+        )
+    if decoded.alpha is None:
+        return quantised
+    height, width = int(quantised.shape[0]), int(quantised.shape[1])
+    alpha = _resize_alpha(decoded.alpha, height, width)
+    out = np.empty((height, width, planes + 1), dtype)
+    out[..., :planes] = quantised
+    rows = max(1, COMPOSE_BAND_PIXELS // width)
+    for top in range(0, height, rows):
+        out[top : top + rows, :, -1] = _quantise(alpha[top : top + rows], decoded.bits)
     return out
 
 

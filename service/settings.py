@@ -15,7 +15,7 @@ from PIL import Image
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from models.backend import BackendUnavailable, resolve_backend
+from models.backend import BackendUnavailable, CompileMode, resolve_backend
 from models.checkpoints import OFFICIAL_BASE_URL, REGISTRY
 
 ModelName = Literal["x2", "x3", "x4", "AS"]
@@ -50,11 +50,31 @@ class Settings(BaseSettings):
     )
     warmup: bool = True
     torch_threads: int = Field(0, ge=0, description="intra-op threads on the CPU; 0 = PyTorch's")
-    backend: Literal["auto", "eager", "channels_last", "onnxruntime", "openvino"] = Field(
-        "eager",
-        description="how the network runs (models/backend.py, docs/benchmarks.md): 'eager' "
-        "gives the authors' exact outputs; the others agree within 1e-4 and are faster on the "
-        "CPU. 'auto': openvino, else onnxruntime when installed, else channels_last; on CUDA eager",
+    backend: Literal["auto", "eager", "channels_last", "onnxruntime", "openvino", "compile"] = (
+        Field(
+            "eager",
+            description="how the network runs (models/backend.py, docs/benchmarks.md): 'eager' "
+            "gives the authors' exact outputs; the others agree within 1e-4 and are faster on the "
+            "CPU. 'auto': openvino, else onnxruntime when installed, else channels_last; on CUDA "
+            "eager. 'compile': torch.compile of each (model, shape, batch size) during warm-up "
+            "(CUDA; needs shape buckets)",
+        )
+    )
+    compile_mode: CompileMode = Field(
+        "max-autotune-no-cudagraphs",
+        description="torch.compile mode of the 'compile' backend (docs/deploy.md)",
+    )
+    compile_cache_dir: Path | None = Field(
+        None,
+        description="folder that keeps the compiled kernels across restarts (inductor's "
+        "cache, and a Mega-Cache file of torch.compiler.save_cache_artifacts); unset: "
+        "inductor's default under /tmp",
+    )
+    shape_buckets: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="run every batch at one of a few fixed crop shapes and batch sizes, all "
+        "warmed before /readyz: 'auto' is on with CUDA (or the compile backend), off on "
+        "the CPU (the authors' exact outputs)",
     )
 
     # Requests
@@ -202,6 +222,30 @@ class Settings(BaseSettings):
                 "protected: set IMDN_API_KEYS too, or drop IMDN_PROTECT_OPS_ROUTES"
             )
         return self
+
+    @model_validator(mode="after")
+    def _buckets_need_a_torch_backend(self) -> Settings:
+        if self.shape_buckets == "on" and self.backend in ("onnxruntime", "openvino"):
+            raise ValueError(
+                f"shape_buckets 'on' runs padded crops with a masked forward, which backend "
+                f"{self.backend!r} cannot run: use eager, channels_last or compile"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _compile_needs_buckets(self) -> Settings:
+        if self.backend == "compile" and self.shape_buckets == "off":
+            raise ValueError(
+                "backend 'compile' compiles each fixed shape during warm-up: it needs "
+                "shape_buckets 'on' or 'auto', not 'off'"
+            )
+        return self
+
+    def buckets_on(self, device: torch.device) -> bool:
+        """Whether shape buckets are on for `device` (`auto`: CUDA or the compile backend)."""
+        if self.shape_buckets == "auto":
+            return device.type == "cuda" or self.backend == "compile"
+        return self.shape_buckets == "on"
 
     def checkpoint_path(self, name: ModelName) -> Path:
         """The file a model loads from: the configured one, else the official one."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import model_vs_machine
+from bench import gpu_targets, model_vs_machine
 
 
 def test_model_vs_machine_prints_each_backend_against_the_limit(
@@ -37,3 +37,20 @@ def test_encode_prints_every_format_for_4k_and_1024(
         png = [mb for name, mb in sizes.items() if name.startswith("PNG")]
         assert len(png) >= 6 and max(png) < 1.1 * min(png), table  # one picture, one level
         assert sizes["WebP q90"] < min(png) and sizes["JPEG q90"] < min(png), table
+
+
+def test_gpu_targets_quick_run_prints_every_target(
+    weights_dir: Path, datasets_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python -m bench.gpu_targets --quick` on the CPU: every row of the issue's targets,
+    each with a positive figure (a smoke run of the harness the GPU run uses)."""
+    rows = gpu_targets.main(["--quick"])
+    out = capsys.readouterr().out
+    assert "not a measurement" in out
+    whats = [r.what for r in rows]
+    assert any("forward, eager" in w for w in whats)
+    assert any("sizes never seen" in w for w in whats) and any("seen before" in w for w in whats)
+    assert any("HTTP / in-process" in w for w in whats)
+    assert any("JPEG x2 -> PNG, one at a time" in w for w in whats)
+    assert len(rows) == 10 and all(r.figure > 0 for r in rows), rows
+    assert all(r.line() in out for r in rows)

@@ -22,6 +22,11 @@ from service.metrics import Metrics
 from service.settings import Settings
 from tests.live import LiveServer, live_server
 
+# These tests hold the service to the authors' outputs bit for bit, and size a memory
+# budget for float32: pinned to the CPU in fp32 on any host (tests/test_gpu.py covers
+# CUDA with tolerances)
+CPU_FP32: dict[str, str] = {"device": "cpu", "precision": "fp32"}
+
 
 def png_of(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
@@ -56,7 +61,9 @@ def metric_samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], fl
 
 @pytest.fixture(scope="module")
 def server(weights_dir: Path) -> Iterator[LiveServer]:
-    settings = Settings(weights_dir=weights_dir, max_batch_wait_ms=30, request_timeout_s=300)
+    settings = Settings(
+        **CPU_FP32, weights_dir=weights_dir, max_batch_wait_ms=30, request_timeout_s=300
+    )
     with live_server(settings) as srv:
         yield srv
 
@@ -202,7 +209,7 @@ def test_large_image_is_tiled_and_close_to_whole(
 ) -> None:  # type: ignore[no-untyped-def]
     """A budget far below the image: many crops, and a result within 45 dB of the whole."""
     settings = Settings(
-        weights_dir=weights_dir, models=["x4"], tile_max_pixels=48 * 48, tile_padding=16
+        **CPU_FP32, weights_dir=weights_dir, models=["x4"], tile_max_pixels=48 * 48, tile_padding=16
     )
     lr = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "babyx4.bmp")
     with live_server(settings) as srv:
@@ -246,7 +253,11 @@ def test_full_queue_answers_429_and_nothing_else_fails(
     weights_dir: Path, datasets_dir: Path
 ) -> None:
     settings = Settings(
-        weights_dir=weights_dir, models=["x2", "x3"], max_queue_crops=2, max_batch_wait_ms=50
+        **CPU_FP32,
+        weights_dir=weights_dir,
+        models=["x2", "x3"],
+        max_queue_crops=2,
+        max_batch_wait_ms=50,
     )
     lr = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "babyx4.bmp")[:64, :64]
     with live_server(settings) as srv:
@@ -299,6 +310,7 @@ def test_bad_inputs_get_problem_json_and_the_server_keeps_serving(
 
 def test_size_limits(weights_dir: Path, datasets_dir: Path) -> None:
     settings = Settings(
+        **CPU_FP32,
         weights_dir=weights_dir,
         models=["x2", "x4"],
         max_upload_bytes=20_000,
@@ -330,7 +342,9 @@ def test_serves_a_checkpoint_of_our_own(
     path = tmp_path / "best.pth"
     save_state_dict(model, path)
     lr = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x2" / "headx2.bmp")
-    settings = Settings(weights_dir=weights_dir, models=["x2"], checkpoints={"x2": path})
+    settings = Settings(
+        **CPU_FP32, weights_dir=weights_dir, models=["x2"], checkpoints={"x2": path}
+    )
     with live_server(settings) as srv:
         r = httpx.post(f"{srv.url}/v1/superres?scale=2", content=png_of(lr), timeout=300)
     assert r.status_code == 200, r.text
@@ -341,7 +355,12 @@ def test_serves_a_checkpoint_of_our_own(
 
 def test_settings_refuse_a_missing_checkpoint_of_our_own(weights_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="do not exist"):
-        Settings(weights_dir=weights_dir, models=["x2"], checkpoints={"x2": tmp_path / "no.pth"})
+        Settings(
+            **CPU_FP32,
+            weights_dir=weights_dir,
+            models=["x2"],
+            checkpoints={"x2": tmp_path / "no.pth"},
+        )
 
 
 def test_out_of_memory_even_for_the_smallest_tile_is_a_503(
@@ -350,7 +369,7 @@ def test_out_of_memory_even_for_the_smallest_tile_is_a_503(
     """A memory budget that holds a 64×64 crop but no 96×96 one: a 96×96 image cannot be
     tiled small enough (tiles keep 32 px of context), so the client gets a clear 503."""
     settings = Settings(
-        weights_dir=weights_dir, models=["x2"], device_memory_budget_bytes=15_000_000
+        **CPU_FP32, weights_dir=weights_dir, models=["x2"], device_memory_budget_bytes=15_000_000
     )
     lr = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x2" / "birdx2.bmp")
     with live_server(settings) as srv, httpx.Client(base_url=srv.url, timeout=120) as c:

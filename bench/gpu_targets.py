@@ -1,0 +1,347 @@
+"""The GPU targets of issue 12, measured side by side in one run.
+
+    python -m bench.gpu_targets              # on a CUDA host: the issue's sizes
+    python -m bench.gpu_targets --quick      # anywhere: small inputs, a smoke run
+
+Prints, against each target: (1) the x2 forward of a 1920x1080 frame on the device,
+eager and (with --compile) compiled; (2) `Engine.upscale` on Set14 at x4 the first time
+each size is seen and again; (3) HTTP throughput on Set14 photos at x3 with 8 and 32
+clients, against the in-process engine on the same images (compose and PNG encoding
+included on both sides); (4) a 1920x1080 JPEG at x2 to a 4K PNG over HTTP, one at a time
+and with 16 clients. The engine runs with the service's settings from the environment
+(IMDN_*; on CUDA that means fp16 and shape buckets). `--quick` shrinks every input and
+client count so the whole run takes seconds on a CPU: its figures say the harness works,
+not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.common import DATASETS, REPO, WEIGHTS, hr_images, machine, percentile, synchronizer
+from bench.process import free_port, stop, wait_ready
+from models.backend import prepare
+from models.checkpoints import load_official
+from models.device import resolve_device
+from service import imaging
+from service.bench import lr_from_hr
+from service.engine import Engine
+from service.runner import resolve_dtype
+from service.settings import Settings
+
+
+@dataclass(frozen=True)
+class Sizes:
+    frame: tuple[int, int]  # (height, width) of the x2 frame
+    dataset: str
+    images: int
+    clients: tuple[int, int]  # the low and high HTTP concurrency
+    big_clients: int
+    repeats: int
+    crop: int | None  # crop every dataset image to this side (quick runs)
+
+
+FULL = Sizes((1080, 1920), "Set14", 14, (8, 32), 16, 10, None)
+QUICK = Sizes((68, 120), "Set5", 3, (2, 4), 2, 2, 48)
+
+
+@dataclass
+class Row:
+    what: str
+    figure: float
+    unit: str
+    target: str
+    met: bool | None
+
+    def line(self) -> str:
+        verdict = {True: "met", False: "NOT met", None: ""}[self.met]
+        return f"{self.what:<58} {self.figure:>10.2f} {self.unit:<10} {self.target:<22} {verdict}"
+
+
+def photos(sizes: Sizes, scale: int) -> list[np.ndarray]:
+    """LR inputs from the data set's HR images (MATLAB bicubic), cropped in quick runs."""
+    out = []
+    for _, hr in hr_images(sizes.dataset)[: sizes.images]:
+        lr = lr_from_hr(hr, scale)
+        out.append(lr if sizes.crop is None else lr[: sizes.crop, : sizes.crop].copy())
+    return out
+
+
+def frame(sizes: Sizes) -> np.ndarray:
+    """A photo-like frame of the target size: a Set14 image tiled and cropped."""
+    _, hr = hr_images("Set14")[0]
+    h, w = sizes.frame
+    reps = (-(-h // hr.shape[0]), -(-w // hr.shape[1]), 1)
+    return np.ascontiguousarray(np.tile(hr, reps)[:h, :w])
+
+
+def encoded(rgb: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+# (1) the forward
+
+
+def forward_rows(sizes: Sizes, settings: Settings, compiled: bool) -> list[Row]:
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.precision, device)
+    sync = synchronizer(device)
+    x = torch.from_numpy(frame(sizes)).permute(2, 0, 1).unsqueeze(0).to(device, dtype) / 255
+    rows = []
+    for backend in ("eager", "compile") if compiled else ("eager",):
+        network = load_official("x2", WEIGHTS)
+        forward = prepare(network, backend, device, dtype, in_place=True)
+        started = time.perf_counter()
+        forward(x)
+        sync()
+        prepared = time.perf_counter() - started
+        times = []
+        for _ in range(sizes.repeats):
+            started = time.perf_counter()
+            forward(x)
+            sync()
+            times.append(time.perf_counter() - started)
+        ms = 1000 * min(times)
+        rows.append(
+            Row(
+                f"x2 {sizes.frame[1]}x{sizes.frame[0]} forward, {backend} "
+                f"(first call {prepared:.1f}s)",
+                1000 / ms,
+                "frames/s",
+                ">= 60 frames/s",
+                1000 / ms >= 60,
+            )
+        )
+    return rows
+
+
+# (2) and the in-process side of (3): the engine
+
+
+async def engine_rows(sizes: Sizes, settings: Settings) -> tuple[list[Row], float]:
+    engine = Engine(settings.model_copy(update={"models": ["x3", "x4"]}))
+    await engine.start()
+    try:
+        x4 = photos(sizes, 4)
+        first, again = [], []
+        for lr in x4:
+            started = time.perf_counter()
+            await engine.upscale(lr, 4)
+            first.append(time.perf_counter() - started)
+        for lr in x4:
+            started = time.perf_counter()
+            await engine.upscale(lr, 4)
+            again.append(time.perf_counter() - started)
+        x3 = photos(sizes, 3)
+
+        jobs = [x3[i % len(x3)] for i in range(max(len(x3), sizes.clients[1]) * 2)]
+        semaphore = asyncio.Semaphore(sizes.clients[1])
+
+        def png_bytes(lr: np.ndarray, pixels: np.ndarray) -> int:
+            composed = imaging.compose(_decoded(lr), pixels)
+            return len(b"".join(imaging.encode_png(composed, compress_level=1)))
+
+        async def full(lr: np.ndarray) -> int:  # what the HTTP path does, in process
+            async with semaphore:
+                result = await engine.upscale(lr, 3)
+                return await asyncio.to_thread(png_bytes, lr, result.image)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(full(lr) for lr in jobs))
+        in_process = len(jobs) / (time.perf_counter() - started)
+    finally:
+        await engine.stop()
+    mean_first, mean_again = statistics.mean(first), statistics.mean(again)
+    rows = [
+        Row(
+            f"{sizes.dataset} x4 Engine.upscale, sizes never seen",
+            1000 * mean_first,
+            "ms/image",
+            "",
+            None,
+        ),
+        Row(
+            f"{sizes.dataset} x4 Engine.upscale, sizes seen before",
+            1000 * mean_again,
+            "ms/image",
+            "<= 10 ms/image",
+            1000 * mean_again <= 10,
+        ),
+        Row(
+            "never seen / seen",
+            mean_first / mean_again,
+            "x",
+            "<= 1.5",
+            mean_first / mean_again <= 1.5,
+        ),
+    ]
+    return rows, in_process
+
+
+def _decoded(lr: np.ndarray) -> imaging.DecodedImage:
+    return imaging.DecodedImage(
+        pixels=lr, alpha=None, grey=False, bits=8, icc_profile=None, format="PNG"
+    )
+
+
+# (3) and (4): HTTP
+
+
+@contextmanager
+def server(models: list[str]) -> Iterator[str]:
+    """`imdn serve` on a free loopback port with the environment's settings."""
+    port = free_port()
+    env = dict(
+        os.environ,
+        IMDN_MODELS=json.dumps(models),
+        IMDN_WEIGHTS_DIR=os.environ.get("IMDN_WEIGHTS_DIR", str(WEIGHTS)),
+        IMDN_LOG_LEVEL="warning",
+        IMDN_REQUEST_TIMEOUT_S="600",
+        IMDN_MAX_QUEUE_CROPS="4096",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=REPO, env=env
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(f"{url}/readyz", proc, what="the server", timeout=1800)
+        yield url
+    finally:
+        stop(proc, timeout=60)
+
+
+def load(
+    url: str, bodies: list[bytes], scale: int, clients: int, total: int
+) -> tuple[float, list[float]]:
+    """Requests per second and latencies: `total` requests, `clients` at a time."""
+    todo = iter(range(total))
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    def worker() -> None:
+        with httpx.Client(base_url=url, timeout=600) as client:
+            while True:
+                with lock:
+                    i = next(todo, None)
+                if i is None:
+                    return
+                started = time.perf_counter()
+                r = client.post(f"/v1/superres?scale={scale}", content=bodies[i % len(bodies)])
+                elapsed = time.perf_counter() - started
+                with lock:
+                    latencies.append(elapsed)
+                    if r.status_code != 200:
+                        errors.append(f"{r.status_code} {r.text[:200]}")
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - started
+    if errors:
+        raise SystemExit(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    return len(latencies) / seconds, latencies
+
+
+def http_rows(sizes: Sizes, in_process: float) -> list[Row]:
+    bodies = [encoded(lr, "PNG") for lr in photos(sizes, 3)]
+    big = encoded(frame(sizes), "JPEG")
+    low, high = sizes.clients
+    with server(["x2", "x3"]) as url:
+        load(url, bodies, 3, 1, len(bodies))  # warm the whole path
+        rps_low, _ = load(url, bodies, 3, low, 2 * max(len(bodies), low))
+        rps_high, _ = load(url, bodies, 3, high, 2 * max(len(bodies), high))
+        load(url, [big], 2, 1, 1)
+        _, one_at_a_time = load(url, [big], 2, 1, sizes.repeats)
+        rps_big, _ = load(url, [big], 2, sizes.big_clients, 2 * sizes.big_clients)
+    h, w = sizes.frame
+    median_ms = 1000 * percentile(one_at_a_time, 50)
+    return [
+        Row(f"HTTP {sizes.dataset} x3, {low} clients", rps_low, "requests/s", "", None),
+        Row(
+            f"HTTP {sizes.dataset} x3, {high} clients",
+            rps_high,
+            "requests/s",
+            f">= {low}-client figure",
+            rps_high >= rps_low,
+        ),
+        Row(f"in-process engine + PNG, {high} at a time", in_process, "images/s", "", None),
+        Row(
+            f"HTTP / in-process at {high} clients",
+            rps_high / in_process,
+            "x",
+            ">= 0.6",
+            rps_high / in_process >= 0.6,
+        ),
+        Row(
+            f"HTTP {w}x{h} JPEG x2 -> PNG, one at a time (median)",
+            median_ms,
+            "ms",
+            "<= 150 ms",
+            median_ms <= 150,
+        ),
+        Row(
+            f"HTTP {w}x{h} JPEG x2 -> PNG, {sizes.big_clients} clients",
+            rps_big,
+            "requests/s",
+            ">= 20/s",
+            rps_big >= 20,
+        ),
+    ]
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small inputs: a smoke run anywhere")
+    parser.add_argument("--compile", action="store_true", help="also time the compiled forward")
+    parser.add_argument("--skip-http", action="store_true", help="in-process figures only")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    if not (DATASETS / sizes.dataset / "HR").is_dir():
+        raise SystemExit(f"{DATASETS / sizes.dataset / 'HR'} not found (set IMDN_SHARED_DIR)")
+    settings = Settings(weights_dir=os.environ.get("IMDN_WEIGHTS_DIR", str(WEIGHTS)))
+    device = resolve_device(settings.device)
+    print(machine(device))
+    print(
+        f"device {device}, precision {settings.precision}, backend {settings.backend}, "
+        f"shape buckets {'on' if settings.buckets_on(device) else 'off'}"
+        + (" (quick: small inputs, not a measurement)" if args.quick else "")
+    )
+    rows = forward_rows(sizes, settings, args.compile)
+    engine, in_process = asyncio.run(engine_rows(sizes, settings))
+    rows += engine
+    if not args.skip_http:
+        rows += http_rows(sizes, in_process)
+    print(f"{'what':<58} {'figure':>10} {'unit':<10} {'target':<22}")
+    for row in rows:
+        print(row.line())
+    if args.json:
+        print(json.dumps([row.__dict__ for row in rows], indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

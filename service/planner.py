@@ -1,0 +1,126 @@
+"""How a request's image becomes crops: which model, whole/ACS/tiles, and shape buckets.
+
+Without buckets (the CPU default) a plan is the paper's: the whole image when it fits
+the pixel budget and the network's size rule, the four-crop ACS for an unaligned image
+that fits, a tile grid for anything larger; crops batch only with crops of the very
+same shape. That keeps the authors' outputs bit for bit.
+
+With buckets (`IMDN_SHAPE_BUCKETS`, on with CUDA by default), every crop runs at one of
+at most four shapes per model, fixed at start: each side is padded up to the short or
+the long bucket side (half the tile side, or the tile side). An image that fits in a
+tile runs whole, padded; a larger one is cut into crops of exactly the tile side
+(`acs.side_grid_plan`). Crops of any request and any image size then share batches,
+and warm-up can run every (shape, batch size) pair before `/readyz`, so cuDNN tuning
+or compilation never happens on a request. Batch sizes are padded up to a few fixed
+sizes too (powers of two up to the largest), as vLLM pads to its captured sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from models import acs
+from service.errors import ScaleNotServed
+
+FIXED_SCALES = {2: "x2", 3: "x3", 4: "x4"}
+ACS_PADDING = 32  # the authors' p for the paper's four-crop ACS
+BUCKET_GRANULARITY = 16  # bucket sides are multiples of this (and of the size rule)
+
+
+def model_for_scale(scale: float) -> str:
+    """The paper's fixed-scale network for 2, 3 and 4; IMDN_AS for any other scale."""
+    return FIXED_SCALES.get(int(scale), "AS") if float(scale).is_integer() else "AS"
+
+
+def check_served(scale: float, loaded: list[str]) -> str:
+    """The model for `scale`, or `ScaleNotServed` when this server does not load it."""
+    name = model_for_scale(scale)
+    if name not in loaded:
+        raise ScaleNotServed(
+            f"scale {scale:g} needs model {name!r}, which this server does not load "
+            f"(loaded: {', '.join(loaded) or 'none'})"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The crops of an image, and the shape each crop is padded to on the device."""
+
+    crops: acs.CropPlan
+    shape: tuple[int, int]  # (h, w) the crops run at; >= (crop_h, crop_w)
+
+    @property
+    def padded(self) -> bool:
+        return self.shape != (self.crops.crop_h, self.crops.crop_w)
+
+
+def padded_batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes a bucketed device runs: powers of two below `max_batch`, and it."""
+    sizes = {1 << i for i in range(max(1, max_batch).bit_length()) if 1 << i < max_batch}
+    return tuple(sorted(sizes | {max_batch}))
+
+
+def padded_batch(n: int, sizes: tuple[int, ...]) -> int:
+    """The smallest of `sizes` that holds `n` crops (`n` itself beyond the largest)."""
+    return next((s for s in sizes if s >= n), n)
+
+
+class Planner:
+    """Plans images for one server's settings; `buckets` fixes the crop shapes."""
+
+    def __init__(
+        self, *, tile_max_pixels: int, tile_padding: int, buckets: bool, max_batch: int
+    ) -> None:
+        self.tile_max_pixels = tile_max_pixels
+        self.tile_padding = tile_padding
+        self.buckets = buckets
+        self.batch_sizes = padded_batch_sizes(max_batch) if buckets else ()
+
+    def bucket_sides(self, multiple: int) -> tuple[int, int]:
+        """(short, long) bucket sides for a network whose sides are multiples of
+        `multiple`: the tile side from the pixel budget (which counts pixels at the
+        network's inner resolution, a quarter of each side for IMDN_AS), and half of it."""
+        grain = math.lcm(BUCKET_GRANULARITY, multiple)
+        inner = max(BUCKET_GRANULARITY, math.isqrt(self.tile_max_pixels))
+        long = max(grain, inner * multiple // grain * grain)
+        short = max(grain, long // 2 // grain * grain)
+        return short, long
+
+    def shapes(self, multiple: int) -> list[tuple[int, int]]:
+        """Every crop shape a bucketed model runs (empty without buckets)."""
+        if not self.buckets:
+            return []
+        sides = sorted(set(self.bucket_sides(multiple)))
+        return [(h, w) for h in sides for w in sides]
+
+    def plan(self, height: int, width: int, multiple: int) -> Plan:
+        """The plan for an image of `height` x `width` (already at least `multiple` on
+        each side) for a network whose sides must be multiples of `multiple`."""
+        if self.buckets:
+            return self._bucketed(height, width, multiple)
+        # the budget counts pixels at the network's inner resolution: IMDN_AS works at a
+        # quarter of each side, so its crops may be 16x larger for the same memory
+        budget = self.tile_max_pixels * multiple * multiple
+        if height * width <= budget:
+            if height % multiple == 0 and width % multiple == 0:
+                crops = acs.whole_plan(height, width)
+            else:
+                crops = acs.acs_plan(height, width, padding=ACS_PADDING, multiple=multiple)
+        else:
+            crops = acs.grid_plan(
+                height, width, max_crop_pixels=budget, padding=self.tile_padding, multiple=multiple
+            )
+        return Plan(crops, (crops.crop_h, crops.crop_w))
+
+    def _bucketed(self, height: int, width: int, multiple: int) -> Plan:
+        short, long = self.bucket_sides(multiple)
+        crops = acs.side_grid_plan(
+            height, width, side=long, padding=self.tile_padding, multiple=multiple
+        )
+
+        def bucket(side: int) -> int:
+            return short if side <= short else long
+
+        return Plan(crops, (bucket(crops.crop_h), bucket(crops.crop_w)))

@@ -1,0 +1,240 @@
+"""The engine's parts with real weights on the CPU: shape buckets, padded crops against
+the whole image, integer pixels in and out, admission by cost over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.evaluate import list_images
+from models.quality import psnr
+from service import imaging
+from service.api import ENGINE_ERRORS, engine_error_status
+from service.bench import bench_settings, run_bench
+from service.engine import Engine
+from service.errors import EngineError, QueueFull, TooCostly
+from service.imaging import output_size
+from service.planner import Planner, model_for_scale
+from service.settings import Settings
+from tests.live import live_server
+
+SCALES = (2, 3, 4, 2.5)
+# exactness and cost figures hold for the CPU in fp32: pinned there on any host
+# (tests/test_gpu.py covers CUDA with tolerances)
+CPU: dict[str, str] = {"device": "cpu", "precision": "fp32"}
+
+
+def whole(model: torch.nn.Module, lr: np.ndarray) -> np.ndarray:
+    x = torch.from_numpy(lr.copy()).permute(2, 0, 1).unsqueeze(0).float() / 255
+    with torch.inference_mode():
+        y = model(x).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    return np.round(y * 255).astype(np.uint8)
+
+
+def rgb(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def lr_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """The size `service.bench.lr_from_hr` makes, without resizing."""
+    if float(scale).is_integer():
+        s = int(scale)
+        return height // s, width // s
+    return max(1, round(height / scale)), max(1, round(width / scale))
+
+
+def test_set5_and_set14_at_four_scales_run_at_most_four_shapes_per_model(
+    datasets_dir: Path,
+) -> None:
+    """The planner with the default settings and buckets on: every crop of Set5 + Set14
+    at x2, x3, x4 and 2.5 has one of the model's warmed shapes, at most four."""
+    planner = Planner(tile_max_pixels=256 * 256, tile_padding=32, buckets=True, max_batch=8)
+    seen: dict[str, set[tuple[int, int]]] = {}
+    for folder in ("Set5", "Set14"):
+        for path in list_images(datasets_dir / folder / "HR"):
+            with Image.open(path) as im:
+                w, h = im.size
+            for scale in SCALES:
+                name = model_for_scale(scale)
+                multiple = 4 if name == "AS" else 1
+                lh, lw = lr_size(h, w, scale)
+                if name == "AS":  # IMDN_AS runs at the output size, padded to its stride
+                    lh, lw = output_size(lh, lw, scale)
+                    lh, lw = -(-lh // 4) * 4, -(-lw // 4) * 4
+                plan = planner.plan(lh, lw, multiple)
+                assert plan.shape in planner.shapes(multiple), (path.name, scale, plan.shape)
+                seen.setdefault(name, set()).add(plan.shape)
+    assert set(seen) == {"x2", "x3", "x4", "AS"}
+    assert all(len(shapes) <= 4 for shapes in seen.values()), seen
+    assert planner.batch_sizes == (1, 2, 4, 8)
+
+
+def test_bench_reports_the_shapes_the_device_ran(weights_dir: Path, datasets_dir: Path) -> None:
+    """`imdn bench` with buckets on (small tiles, to stay cheap on two cores: Set5 at x4
+    and 2.5): each cell lists the crop shapes the device ran, all of them warmed shapes."""
+    settings = bench_settings([4, 2.5], weights_dir=weights_dir).model_copy(
+        update={
+            "shape_buckets": "on",
+            "warmup": False,  # the shapes do not depend on it; it costs most of the time
+            "tile_max_pixels": 64 * 64,
+            "tile_padding": 16,
+            "max_batch_size": 4,
+        }
+    )
+    result = asyncio.run(
+        run_bench(settings, [datasets_dir / "Set5" / "HR"], [4, 2.5], progress=False)
+    )
+    cells = result.as_dict()["results"]
+    planner = Planner(tile_max_pixels=64 * 64, tile_padding=16, buckets=True, max_batch=4)
+    assert [c["model"] for c in cells] == ["x4", "AS"]
+    for cell in cells:
+        multiple = 4 if cell["model"] == "AS" else 1
+        shapes = [tuple(s) for s in cell["batch_shapes"]]
+        assert 1 <= len(shapes) <= 4, cell
+        assert set(shapes) <= set(planner.shapes(multiple)), cell
+
+
+@pytest.fixture(scope="module")
+def bucketed(weights_dir: Path):  # type: ignore[no-untyped-def]
+    """x4 and IMDN_AS on the CPU with buckets on: tile sides 64 and 32 px for x4, 256 and
+    128 px for IMDN_AS (the budget counts its quarter-resolution features)."""
+    settings = Settings(
+        **CPU,
+        weights_dir=weights_dir,
+        models=["x4", "AS"],
+        shape_buckets="on",
+        warmup=False,
+        tile_max_pixels=64 * 64,
+        tile_padding=16,
+        max_batch_size=4,
+        max_batch_wait_ms=20,
+    )
+    engine = Engine(settings)
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(engine.start())
+    yield engine, loop
+    loop.run_until_complete(engine.stop())
+    loop.close()
+
+
+def test_padded_crops_match_the_whole_image(bucketed, datasets_dir: Path, official_model) -> None:  # type: ignore[no-untyped-def]
+    """Images smaller than a tile run whole, padded into their bucket: the masked forward
+    keeps them within rounding of the unpadded forward (>= 80 dB; the bar is 45)."""
+    engine, loop = bucketed
+    for path in list_images(datasets_dir / "Set5" / "LR_bicubic" / "x4")[1:4]:
+        lr = rgb(path)[:60, :50]  # below the 64-px tile: padded to 64x64
+        result = loop.run_until_complete(engine.upscale(lr, 4))
+        assert result.crops == 1 and result.image.dtype == np.uint8
+        assert psnr(result.image, whole(official_model("x4"), lr)) >= 80
+    assert engine.batch_shapes["x4"] <= set(engine.planner.shapes(1))
+
+
+def test_tiled_crops_stay_within_45_db_of_the_whole_image(  # type: ignore[no-untyped-def]
+    bucketed, datasets_dir: Path, official_model
+) -> None:
+    engine, loop = bucketed
+    lr = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "babyx4.bmp")
+    result = loop.run_until_complete(engine.upscale(lr, 4))
+    assert result.crops >= 4 and result.image.shape == (lr.shape[0] * 4, lr.shape[1] * 4, 3)
+    assert psnr(result.image, whole(official_model("x4"), lr)) >= 45
+
+
+def test_images_of_different_sizes_share_batches(bucketed, datasets_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    engine, loop = bucketed
+    lr = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "birdx4.bmp")
+    sizes = [(20, 30), (40, 17), (33, 33), (64, 48)]
+    before = engine.metrics.batches.labels(model="x4")._value.get()
+
+    async def all_at_once() -> list[np.ndarray]:
+        results = await asyncio.gather(*(engine.upscale(lr[:h, :w], 4) for h, w in sizes))
+        return [r.image for r in results]
+
+    images = loop.run_until_complete(all_at_once())
+    assert [i.shape[:2] for i in images] == [(4 * h, 4 * w) for h, w in sizes]
+    batches = engine.metrics.batches.labels(model="x4")._value.get() - before
+    assert batches < len(sizes), "four sizes, one bucket: they should share batches"
+    assert engine.device_busy_since() is None  # idle again
+
+
+def _png(pixels: np.ndarray, mode: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["grey", "rgba", "grey16"])
+def test_integer_pixels_through_the_engine_are_the_float_path_bit_for_bit(
+    weights_dir: Path, datasets_dir: Path, official_model, kind: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Decoded integers uploaded, normalised, quantised on the device (buckets off, the
+    CPU default), then `compose`: exactly what the float path gives (the network on
+    `decoded.rgb`, then compose of the float output)."""
+    lr = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "headx4.bmp")[:40, :36]
+    if kind == "grey":
+        data = _png(np.asarray(Image.fromarray(lr).convert("L")), "L")
+    elif kind == "rgba":
+        alpha = (
+            np.linspace(0, 255, lr.shape[0] * lr.shape[1]).reshape(lr.shape[:2]).astype(np.uint8)
+        )
+        data = _png(np.dstack([lr, alpha]), "RGBA")
+    else:
+        grey = np.asarray(Image.fromarray(lr).convert("L")).astype(np.uint16) * 257 + 3
+        buf = io.BytesIO()
+        Image.fromarray(grey).save(buf, format="PNG")  # mode I;16
+        data = buf.getvalue()
+    decoded = imaging.decode(data, "image/png", max_pixels=1 << 20)
+    assert decoded.pixels.dtype == (np.uint16 if kind == "grey16" else np.uint8)
+
+    async def run() -> np.ndarray:
+        engine = Engine(Settings(**CPU, weights_dir=weights_dir, models=["x4"], warmup=False))
+        await engine.start()
+        try:
+            result = await engine.upscale(decoded.pixels, 4, grey=decoded.grey)
+        finally:
+            await engine.stop()
+        return imaging.compose(decoded, result.image)
+
+    served = asyncio.run(run())
+    x = torch.from_numpy(decoded.rgb).permute(2, 0, 1).unsqueeze(0)
+    with torch.inference_mode():
+        y = official_model("x4")(x).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    expected = imaging.compose(decoded, y)
+    assert served.dtype == expected.dtype and served.shape == expected.shape
+    np.testing.assert_array_equal(served, expected)
+
+
+def test_engine_errors_map_to_http_in_one_table() -> None:
+    assert engine_error_status(TooCostly("x")) == (413, "rejected")
+    assert engine_error_status(QueueFull("x", 3)) == (429, "rejected")
+    assert engine_error_status(EngineError("x")) == (500, "error")
+    assert all(not hasattr(cls, "status") for cls in ENGINE_ERRORS)
+
+
+def test_a_request_that_can_never_fit_is_413_at_once(weights_dir: Path, datasets_dir: Path) -> None:
+    """More crops than the queue holds, or more device time than the deadline at the
+    measured throughput (warm-up measures it): 413 `too_costly`, and the server goes on."""
+    big = rgb(datasets_dir / "Set14" / "HR" / "baboon.png")[:480, :480]
+    small = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "birdx4.bmp")[:16, :16]
+    for extra in ({"max_queue_crops": 8}, {"request_timeout_s": 0.5}):
+        settings = Settings(
+            **CPU,
+            weights_dir=weights_dir,
+            models=["x4"],
+            tile_max_pixels=48 * 48,
+            tile_padding=8,
+            **extra,  # type: ignore[arg-type]
+        )
+        with live_server(settings) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+            r = c.post("/v1/superres?scale=4", content=_png(big, "RGB"))
+            assert r.status_code == 413, r.text
+            assert r.headers["content-type"] == "application/problem+json"
+            assert r.json()["reason"] == "too_costly"
+            ok = c.post("/v1/superres?scale=4", content=_png(small, "RGB"))
+            assert ok.status_code == 200

@@ -1,0 +1,139 @@
+"""The service on CUDA: fp16, shape buckets and the compiled backend, held to tolerances
+that mean something (PSNR within 0.02 dB of the fp32 forward, exact sizes and modes).
+
+Marked `gpu`; every test skips without CUDA. On a CPU-only host the wiring of the
+compiled backend is tested in tests/test_runner.py instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.evaluate import list_images
+from models.quality import modcrop, psnr, rgb_to_y
+from service import imaging
+from service.engine import Engine
+from service.settings import Settings
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def rgb(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def fp32_forward(model: torch.nn.Module, lr: np.ndarray) -> np.ndarray:
+    """The official network in fp32 on the CPU, whole image, rounded as the evaluation."""
+    x = torch.from_numpy(lr.copy()).permute(2, 0, 1).unsqueeze(0).float() / 255
+    with torch.inference_mode():
+        y = model(x).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    return np.round(y * 255).astype(np.uint8)
+
+
+def run_engine(settings: Settings, images: list[np.ndarray], scale: float) -> list[np.ndarray]:
+    async def go() -> list[np.ndarray]:
+        engine = Engine(settings)
+        await engine.start()
+        try:
+            assert engine.device.type == "cuda"
+            results = [await engine.upscale(image, scale) for image in images]
+            shapes = engine.planner.shapes(4 if scale % 1 else 1)
+            for name, ran in engine.batch_shapes.items():
+                assert ran <= set(shapes) or not engine.planner.buckets, (name, ran)
+            return [r.image for r in results]
+        finally:
+            await engine.stop()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    ("scale", "backend"), [(2, "eager"), (3, "eager"), (4, "eager"), (4, "compile")]
+)
+def test_set5_psnr_within_0_02_db_of_the_fp32_forward(
+    weights_dir: Path, datasets_dir: Path, official_model, scale: int, backend: str, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Set5 through the engine in fp16 with buckets on (the CUDA default), eager and
+    compiled: the mean Y PSNR against HR within 0.02 dB of the fp32 CPU forward's.
+    The compiled case uses compile mode 'default' and batches of up to 4 (12 graphs),
+    to keep its warm-up short."""
+    settings = Settings(
+        weights_dir=weights_dir,
+        models=[f"x{scale}"],
+        device="cuda",
+        precision="fp16",
+        backend=backend,
+        shape_buckets="on",
+        compile_mode="default",
+        max_batch_size=4 if backend == "compile" else 8,
+        compile_cache_dir=tmp_path / "compile-cache",
+    )
+    hr_paths = list_images(datasets_dir / "Set5" / "HR")
+    lr_dir = datasets_dir / "Set5" / "LR_bicubic" / f"x{scale}"
+    lrs = [rgb(lr_dir / f"{p.stem}x{scale}{p.suffix}") for p in hr_paths]
+    served = run_engine(settings, lrs, scale)
+    ours, reference = [], []
+    for hr_path, lr, out in zip(hr_paths, lrs, served, strict=True):
+        hr = modcrop(rgb(hr_path), scale)
+        assert out.shape == hr.shape and out.dtype == np.uint8
+        ours.append(psnr(rgb_to_y(out), rgb_to_y(hr), border=scale))
+        expected = fp32_forward(official_model(f"x{scale}"), lr)
+        reference.append(psnr(rgb_to_y(expected), rgb_to_y(hr), border=scale))
+    assert abs(np.mean(ours) - np.mean(reference)) <= 0.02, (ours, reference)
+    if backend == "compile":
+        assert (tmp_path / "compile-cache" / "imdn-megacache.bin").is_file()
+
+
+def test_modes_and_depths_on_cuda(weights_dir: Path, datasets_dir: Path) -> None:
+    """Grey, RGBA and 16-bit inputs come back in their own mode and depth at the right size."""
+    lr = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "headx4.bmp")[:40, :36]
+    grey16 = np.asarray(Image.fromarray(lr).convert("L")).astype(np.uint16) * 257
+    cases = {
+        "L": Image.fromarray(lr).convert("L"),
+        "RGBA": Image.fromarray(np.dstack([lr, np.full(lr.shape[:2], 200, np.uint8)])),
+        "I;16": Image.fromarray(grey16),
+    }
+    settings = Settings(weights_dir=weights_dir, models=["x4"], device="cuda")
+
+    async def go() -> None:
+        engine = Engine(settings)
+        await engine.start()
+        try:
+            for mode, image in cases.items():
+                buf = io.BytesIO()
+                image.save(buf, format="PNG")
+                decoded = imaging.decode(buf.getvalue(), "image/png", max_pixels=1 << 20)
+                result = await engine.upscale(decoded.pixels, 4, grey=decoded.grey)
+                out = imaging.compose(decoded, result.image)
+                channels = {"L": 1, "RGBA": 4, "I;16": 1}[mode]
+                assert out.shape == (160, 144, channels), mode
+                assert out.dtype == (np.uint16 if mode == "I;16" else np.uint8), mode
+        finally:
+            await engine.stop()
+
+    asyncio.run(go())
+
+
+def test_buckets_keep_large_images_close_to_whole(
+    weights_dir: Path, datasets_dir: Path, official_model
+) -> None:  # type: ignore[no-untyped-def]
+    """A Set14 image tiled into fixed 128-px crops on CUDA: >= 45 dB from the whole
+    image's fp32 forward."""
+    hr = rgb(datasets_dir / "Set14" / "HR" / "comic.png")
+    lr = hr[::2, ::2].copy()
+    settings = Settings(
+        weights_dir=weights_dir, models=["x2"], device="cuda", tile_max_pixels=128 * 128
+    )
+    (out,) = run_engine(settings, [lr], 2)
+    assert out.shape == (lr.shape[0] * 2, lr.shape[1] * 2, 3)
+    assert psnr(out, fp32_forward(official_model("x2"), lr)) >= 45
