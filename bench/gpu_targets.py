@@ -37,9 +37,9 @@ from PIL import Image
 
 from bench.common import DATASETS, REPO, WEIGHTS, hr_images, machine, percentile, synchronizer
 from bench.process import free_port, stop, wait_ready
-from models.backend import prepare
-from models.checkpoints import load_official
-from models.device import resolve_device
+from models.networks.checkpoints import load_official
+from models.runtime.backend import prepare
+from models.runtime.device import resolve_device
 from service import imaging
 from service.bench import lr_from_hr
 from service.engine import Engine

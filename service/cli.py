@@ -16,7 +16,7 @@ import uvicorn
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from models.checkpoints import (
+from models.networks.checkpoints import (
     OFFICIAL_BASE_URL,
     REGISTRY,
     CheckpointError,
@@ -24,9 +24,9 @@ from models.checkpoints import (
     load_model,
     load_official,
 )
-from models.evaluate import IMAGE_SUFFIXES
-from models.imdn import build_model
-from models.profile import profile
+from models.networks.imdn import build_model
+from models.networks.profile import profile
+from models.quality.evaluate import IMAGE_SUFFIXES
 from service.report import markdown_table
 
 
@@ -233,7 +233,7 @@ def _upscale_remote(args: argparse.Namespace, files: list[Path], out: Path) -> i
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from models.evaluate import evaluate
+    from models.quality.evaluate import evaluate
 
     name = args.model or (f"x{args.scale}" if args.scale else None)
     if name is None:
@@ -265,7 +265,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from models.train import config_from_args, train
+    from models.training.train import config_from_args, train
 
     try:
         result = train(config_from_args(args))
@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    from models.train import add_train_arguments
+    from models.training.train import add_train_arguments
 
     p = sub.add_parser("train", help="train IMDN with the paper's recipe (docs/training.md)")
     add_train_arguments(p)

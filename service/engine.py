@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import acs
-from models.quality import imresize_tensor
+from models.quality.matlab import imresize_tensor
+from models.runtime import acs
 from service import pixels
 from service.batcher import Batcher, BatchOutcome, Key, Slice
 from service.errors import (
@@ -88,7 +88,7 @@ class Engine:
 
     @staticmethod
     def _planner(settings: Settings) -> Planner:
-        from models.device import resolve_device
+        from models.runtime.device import resolve_device
 
         return Planner(
             tile_max_pixels=settings.tile_max_pixels,

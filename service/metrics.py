@@ -36,7 +36,7 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
-from models.checkpoints import REGISTRY
+from models.networks.checkpoints import REGISTRY
 
 if TYPE_CHECKING:
     from service.settings import Settings

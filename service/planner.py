@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from models import acs
+from models.runtime import acs
 from service.errors import ScaleNotServed
 
 FIXED_SCALES = {2: "x2", 3: "x3", 4: "x4"}

@@ -25,11 +25,11 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 
-from models import acs
-from models.backend import Forward, MaskedForward, prepare, prepare_masked, resolve_backend
-from models.checkpoints import REGISTRY, fetch, load_model, load_official
-from models.device import resolve_device
-from models.profile import conv_depth
+from models.networks.checkpoints import REGISTRY, fetch, load_model, load_official
+from models.networks.profile import conv_depth
+from models.runtime import acs
+from models.runtime.backend import Forward, MaskedForward, prepare, prepare_masked, resolve_backend
+from models.runtime.device import resolve_device
 from service.batcher import BatchOutcome, Key, Slice
 from service.errors import DeviceOutOfMemory
 from service.metrics import Metrics, peak_memory_bytes, reset_peak_memory
@@ -51,7 +51,7 @@ class LoadedModel:
     parameters: int
     depth: int
     dtype: torch.dtype
-    backend: str  # models.backend: how `forward` runs the network
+    backend: str  # models.runtime.backend: how `forward` runs the network
     forward: Forward  # the backend's forward of the one copy on the device (no buckets)
     masked: MaskedForward | None  # with buckets: the backend's forward of padded crops
     masked_eager: MaskedForward | None  # the same, uncompiled: for shapes not warmed

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from models.checkpoints import (
+from models.networks.checkpoints import (
     REGISTRY,
     CheckpointError,
     load_model,
@@ -27,7 +27,7 @@ from models.checkpoints import (
     sha256_of,
     spec_for,
 )
-from models.imdn import build_model, count_parameters
+from models.networks.imdn import build_model, count_parameters
 from service.cli import main
 
 PARAMETERS = {"x2": 694_404, "x3": 703_059, "x4": 715_176, "AS": 752_104}

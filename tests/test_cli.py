@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models.acs import authors_forward
-from models.checkpoints import REGISTRY
-from models.quality import imresize, imresize_tensor, psnr
+from models.networks.checkpoints import REGISTRY
+from models.quality.matlab import imresize, imresize_tensor, psnr
+from models.runtime.acs import authors_forward
 from service.cli import main
 
 # Table 7: multiply-adds per output pixel.

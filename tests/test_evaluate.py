@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from models.evaluate import EvalReport, ImageScore, evaluate
-from models.imdn import IMDN
+from models.networks.imdn import IMDN
+from models.quality.evaluate import EvalReport, ImageScore, evaluate
 
 ModelFactory = Callable[[str], IMDN]
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from models.quality import imresize, modcrop, psnr, rgb_to_y
+from models.quality.matlab import imresize, modcrop, psnr, rgb_to_y
 from service.api import STREAM_CHUNK, _stream
 from service.imaging import encode_png
 from service.metrics import Metrics
@@ -334,7 +334,7 @@ def test_serves_a_checkpoint_of_our_own(
     weights_dir: Path, datasets_dir: Path, tmp_path: Path, official_model
 ) -> None:  # type: ignore[no-untyped-def]
     """A trained file (here: the official x2 with a shifted output bias) served by name."""
-    from models.checkpoints import load_official, save_state_dict
+    from models.networks.checkpoints import load_official, save_state_dict
 
     model = load_official("x2", weights_dir)
     with torch.no_grad():

@@ -8,7 +8,7 @@ MATLAB bicubic. The authors' script runs 1000 epochs of 1000 iterations: 1e6.
 A run writes to its output folder: `checkpoint.pt` (weights, optimizer,
 scheduler, grad scaler, iteration, RNG state: what `resume` needs),
 `last.pth` and, with validation, `best.pth` (plain state dicts with the
-authors' key names, loadable by `models.checkpoints.load_model`), `log.csv`
+authors' key names, loadable by `models.networks.checkpoints.load_model`), `log.csv`
 (iteration, loss, learning rate, validation PSNR) and `config.json`.
 """
 
@@ -34,11 +34,11 @@ from torch.optim import Adam
 from torch.optim.lr_scheduler import StepLR
 from tqdm import tqdm
 
-from models.checkpoints import CheckpointError, atomic_write, load_model, save_state_dict
-from models.data import PatchDataset, build_cache, make_loader
-from models.device import resolve_device
-from models.evaluate import evaluate
-from models.imdn import IMDN, build_model
+from models.networks.checkpoints import CheckpointError, atomic_write, load_model, save_state_dict
+from models.networks.imdn import IMDN, build_model
+from models.quality.evaluate import evaluate
+from models.runtime.device import resolve_device
+from models.training.data import PatchDataset, build_cache, make_loader
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 PRECISIONS: tuple[Precision, ...] = ("auto", "fp32", "fp16", "bf16")

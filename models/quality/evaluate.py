@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from models.acs import authors_forward
-from models.imdn import IMDN
-from models.quality import imresize, modcrop, psnr, rgb_to_y, ssim
+from models.networks.imdn import IMDN
+from models.quality.matlab import imresize, modcrop, psnr, rgb_to_y, ssim
+from models.runtime.acs import authors_forward
 
 IMAGE_SUFFIXES = frozenset({".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"})
 _EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA"})

@@ -1,6 +1,6 @@
 """IMDN and IMDN_AS, as described in the paper (Hui et al., ACM MM 2019).
 
-Module names are our own; `models.checkpoints` maps the official state-dict
+Module names are our own; `models.networks.checkpoints` maps the official state-dict
 keys onto them. Inputs and outputs are RGB float tensors in [0, 1], NCHW.
 """
 

@@ -15,7 +15,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from models.imdn import IMDN, ContrastChannelAttention, count_parameters
+from models.networks.imdn import IMDN, ContrastChannelAttention, count_parameters
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from models.imdn import IMDN, build_model
+from models.networks.imdn import IMDN, build_model
 
 OFFICIAL_BASE_URL = "https://github.com/Zheng222/IMDN/raw/master/checkpoints"
 
