@@ -25,7 +25,7 @@ import numpy.typing as npt
 import torch
 from tqdm import tqdm
 
-from models.quality.evaluate import list_images, read_rgb
+from models.quality.evaluate import dataset_name, list_images, read_rgb
 from models.quality.matlab import imresize, modcrop
 from models.runtime.device import resolve_device
 from service.engine import Engine, model_for_scale
@@ -140,11 +140,6 @@ def bench_settings(
     return settings.model_copy(update={"warmup": buckets})
 
 
-def dataset_name(folder: Path) -> str:
-    """`Set5/HR` is 'Set5'; any other folder is its own name."""
-    return folder.parent.name if folder.name.upper() == "HR" and folder.parent.name else folder.name
-
-
 def lr_from_hr(hr: Image8, scale: float) -> Image8:
     """The benchmark LR: MATLAB bicubic of the HR cropped to a multiple of the scale
     (integer scales, the paper's protocol), or resized to round(H/s) x round(W/s)."""
@@ -208,7 +203,8 @@ async def run_bench(
         facts, cells = [], []
         for scale in scales:
             model = engine.models[engine.model_name(scale)]
-            facts.append(ModelFacts(model.name, scale, model.parameters, model.depth))
+            d = model.descriptor
+            facts.append(ModelFacts(d.name, scale, d.parameters, d.depth))
             for name in names:
                 cells.append(
                     await _bench_cell(engine, recorder, name, files[name], scale, progress)

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
@@ -24,9 +25,11 @@ from models.networks.checkpoints import (
     load_model,
     load_official,
 )
+from models.networks.descriptor import describe
 from models.networks.imdn import build_model
-from models.networks.profile import profile
+from models.networks.profile import mult_adds_per_output_pixel
 from models.quality.evaluate import IMAGE_SUFFIXES
+from service.planner import FIXED_SCALES
 from service.report import markdown_table
 
 
@@ -235,7 +238,7 @@ def _upscale_remote(args: argparse.Namespace, files: list[Path], out: Path) -> i
 def cmd_eval(args: argparse.Namespace) -> int:
     from models.quality.evaluate import evaluate
 
-    name = args.model or (f"x{args.scale}" if args.scale else None)
+    name = args.model or (FIXED_SCALES[args.scale] if args.scale else None)
     if name is None:
         return _fail("give --scale (2, 3, 4) or --model (x2, x3, x4, AS)")
     if name not in REGISTRY:
@@ -276,10 +279,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, spec in REGISTRY.items():
-        p = profile(build_model(spec.arch, spec.scale))
-        rows.append({"model": name, **p.as_dict()})
+        network = build_model(spec.model.architecture, spec.model.scale)
+        facts = describe(name, network)  # measured on the module, not read from the registry
+        mult_adds = mult_adds_per_output_pixel(network)
+        rows.append(
+            {
+                "model": name,
+                "parameters": facts.parameters,
+                "depth": facts.depth,
+                "mult_adds_per_output_pixel": mult_adds,
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

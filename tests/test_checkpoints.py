@@ -27,6 +27,7 @@ from models.networks.checkpoints import (
     sha256_of,
     spec_for,
 )
+from models.networks.descriptor import describe
 from models.networks.imdn import build_model, count_parameters
 from service.cli import main
 
@@ -46,13 +47,15 @@ def _official_state(weights_dir: Path, name: str) -> dict[str, torch.Tensor]:
 def test_official_checkpoint_loads_strictly(official_model: Any, name: str) -> None:
     model = official_model(name)
     spec = REGISTRY[name]
-    assert count_parameters(model) == PARAMETERS[name] == spec.parameters
-    assert model.scale == spec.scale
+    assert count_parameters(model) == PARAMETERS[name] == spec.model.parameters
+    # the registry's descriptor is the module's own facts, read off it
+    assert describe(name, model) == spec.model
+    assert spec.model.depth == (35 if name == "AS" else 34)  # 34: the paper's Table 6
     assert not model.training
     torch.manual_seed(0)
-    if spec.arch == "IMDN":
+    if spec.model.architecture == "IMDN":
         x = torch.rand(1, 3, 10, 7)
-        expected = (1, 3, 10 * spec.scale, 7 * spec.scale)
+        expected = (1, 3, 10 * spec.model.scale, 7 * spec.model.scale)
     else:
         assert model.size_multiple == 4
         x = torch.rand(1, 3, 12, 8)

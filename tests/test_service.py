@@ -79,9 +79,24 @@ def test_health_readiness_and_models(client: httpx.Client) -> None:
     assert client.get("/readyz").status_code == 200
     models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
     assert set(models) == {"x2", "x3", "x4", "AS"}
-    assert models["x4"]["parameters"] == 715_176
-    assert models["AS"]["parameters"] == 752_104
-    assert models["x3"]["device"] == "cpu" and models["x3"]["precision"] == "float32"
+    assert models["x4"] == {
+        "name": "x4",
+        "architecture": "IMDN",
+        "scale": 4,
+        "parameters": 715_176,
+        "depth": 34,
+        "device": "cpu",
+        "precision": "float32",
+    }
+    assert list(models["AS"].items()) == [  # the fields in this order, as clients saw them
+        ("name", "AS"),
+        ("architecture", "IMDN_AS"),
+        ("scale", "any"),
+        ("parameters", 752_104),
+        ("depth", 35),
+        ("device", "cpu"),
+        ("precision", "float32"),
+    ]
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4])

@@ -84,6 +84,12 @@ def read_rgb(path: Path) -> Image8:
         return np.array(img.convert("RGB"), dtype=np.uint8)  # a writable copy
 
 
+def dataset_name(folder: Path) -> str:
+    """`Set5/HR` (or `RealSR/GT`) is 'Set5'; any other folder is its own name."""
+    named_by_parent = folder.name.upper() in {"HR", "GT"} and folder.parent.name
+    return folder.parent.name if named_by_parent else folder.name
+
+
 def list_images(folder: Path) -> list[Path]:
     """The image files of a folder, sorted; an error if there are none or two share a stem."""
     if not folder.is_dir():
@@ -189,7 +195,7 @@ def evaluate(
         if net_scale == 1
         else f"Y (BT.601, float), shave {net_scale}"
     )
-    dataset = hr_dir.parent.name if hr_dir.name.upper() in {"HR", "GT"} else hr_dir.name
+    dataset = dataset_name(hr_dir)
     report = EvalReport(dataset=dataset, scale=net_scale, protocol=protocol)
     was_training = model.training
     model.eval().to(dev)
