@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.evaluate import list_images, read_rgb
+from models.quality.evaluate import list_images, read_rgb
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("IMDN_SHARED_DIR", REPO.parent / "shared")).resolve()

@@ -34,9 +34,9 @@ from PIL import Image
 
 from bench.common import DATASETS, WEIGHTS, interleaved, machine, to_tensor
 from bench.service_vs_model import crops
-from models.backend import prepare, resolve_backend
-from models.checkpoints import load_official
-from models.evaluate import read_rgb
+from models.networks.checkpoints import load_official
+from models.quality.evaluate import read_rgb
+from models.runtime.backend import prepare, resolve_backend
 from service import imaging
 from service.api import DEFAULT_QUALITY, STREAM_CHUNK
 from service.settings import usable_cpus

@@ -37,13 +37,12 @@ from PIL import Image
 
 from bench.common import DATASETS, REPO, WEIGHTS, hr_images, machine, percentile, synchronizer
 from bench.process import free_port, stop, wait_ready
-from models.backend import prepare
-from models.checkpoints import load_official
-from models.device import resolve_device
+from models.networks.checkpoints import load_official
+from models.runtime.backend import prepare
+from models.runtime.device import precision_dtype, resolve_device
 from service import imaging
 from service.bench import lr_from_hr
 from service.engine import Engine
-from service.runner import resolve_dtype
 from service.settings import Settings
 
 
@@ -103,7 +102,7 @@ def encoded(rgb: np.ndarray, fmt: str) -> bytes:
 
 def forward_rows(sizes: Sizes, settings: Settings, compiled: bool) -> list[Row]:
     device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.precision, device)
+    dtype = precision_dtype(settings.precision, device, prefer_bf16=False)
     sync = synchronizer(device)
     x = torch.from_numpy(frame(sizes)).permute(2, 0, 1).unsqueeze(0).to(device, dtype) / 255
     rows = []

@@ -4,10 +4,10 @@ the same weights, on Set5 and Set14 at ×2, ×3 and ×4, with equal outputs.
     python -m bench.model_vs_authors [--rounds 2] [--backends channels_last openvino]
                                      [--sets Set5 Set14] [--scales 2 3 4]
 
-LR images are made from the HR ones by MATLAB-style bicubic (`models.quality.imresize`,
+LR images are made from the HR ones by MATLAB-style bicubic (`models.quality.matlab.imresize`,
 HR cropped to a multiple of the scale), the paper's protocol. The authors' path is their
 test script's: `torch.no_grad()`, contiguous NCHW float32, `model(x)`. Ours is
-`models.backend.prepare(model, backend, ...)`, the function the service's engine calls.
+`models.runtime.backend.prepare(model, backend, ...)`, the function the service's engine calls.
 Each of our calls is timed between two calls of the authors' path on the same image
 (bench.common.bracketed); the speed-up of a set is the geometric mean over its images of
 the median ratio. Outputs must agree within 1e-4 (max |difference|), and the PSNR
@@ -38,10 +38,10 @@ from bench.common import (
     to_tensor,
     to_uint8,
 )
-from models.backend import installed, prepare
-from models.checkpoints import load_official
-from models.imdn import IMDN
-from models.quality import imresize, modcrop, psnr, rgb_to_y
+from models.networks.checkpoints import load_official
+from models.networks.imdn import IMDN
+from models.quality.matlab import imresize, modcrop, psnr, rgb_to_y
+from models.runtime.backend import installed, prepare
 
 CPU_TOLERANCE = 1e-4
 GPU_PSNR_TOLERANCE_DB = 0.02

@@ -3,11 +3,11 @@
 
     python -m bench.model_vs_machine [--rounds 16] [--levers] [--profile] [--batches]
 
-Multiply-adds come from `models.profile.mult_adds`; GFLOP/s = 2·MACs / seconds. The limit
+Multiply-adds come from `models.networks.profile.mult_adds`; GFLOP/s = 2·MACs / seconds. The limit
 is the faster of the convolution in contiguous and in channels_last memory format.
 The machine is shared, so each model call is bracketed by two timings of the limit and
 the figure kept is the median over rounds of the ratio to their mean: contention that
-lasts longer than a call cancels out. Every installed backend (models/backend.py) is
+lasts longer than a call cancels out. Every installed backend (models/runtime/backend.py) is
 measured. `--levers` adds what we tried and did not keep (TorchScript freeze +
 optimize_for_inference, torch.compile with freezing, one intra-op thread), with their
 preparation time. `--profile` prints where OpenVINO's and ONNX Runtime's time goes by
@@ -30,7 +30,10 @@ import torch
 from torch import nn
 
 from bench.common import WEIGHTS, Timing, bracketed, interleaved, machine, synchronizer
-from models.backend import (
+from models.networks.checkpoints import load_official
+from models.networks.imdn import IMDN
+from models.networks.profile import mult_adds
+from models.runtime.backend import (
     BACKENDS,
     Forward,
     installed,
@@ -39,9 +42,6 @@ from models.backend import (
     prepare,
     split_free,
 )
-from models.checkpoints import load_official
-from models.imdn import IMDN
-from models.profile import mult_adds
 
 SIDE = 256
 CONV_REPEATS = 8  # a reference sample lasts a good part of a model call: fairer minimums

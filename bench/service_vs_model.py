@@ -36,8 +36,8 @@ from PIL import Image
 
 from bench.common import REPO, WEIGHTS, hr_images, machine, percentile, to_tensor
 from bench.process import free_port, stop, wait_ready
-from models.backend import Forward, prepare, resolve_backend
-from models.checkpoints import load_official
+from models.networks.checkpoints import load_official
+from models.runtime.backend import Forward, prepare, resolve_backend
 
 
 def crops(count: int, side: int) -> list[np.ndarray]:

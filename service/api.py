@@ -397,20 +397,7 @@ def _router(scales: dict[str, Any]) -> APIRouter:
     @router.get("/v1/models", tags=["models"], dependencies=Authorized, responses=UNAUTHORIZED)
     async def list_models(engine: EngineDep) -> dict[str, list[dict[str, Any]]]:
         """The loaded models: scale, parameters, depth, device and precision."""
-        return {
-            "models": [
-                {
-                    "name": m.name,
-                    "architecture": "IMDN_AS" if m.scale == 1 else "IMDN",
-                    "scale": "any" if m.scale == 1 else m.scale,
-                    "parameters": m.parameters,
-                    "depth": m.depth,
-                    "device": str(engine.device),
-                    "precision": str(m.dtype).removeprefix("torch."),
-                }
-                for m in engine.models.values()
-            ]
-        }
+        return {"models": [m.descriptor.as_json() for m in engine.models.values()]}
 
     @router.get(
         "/v1/report",

@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loop.set_exception_handler(_quiet_cancellations(loop.get_exception_handler()))
         await engine.start()
         for m in engine.models.values():
-            metrics.model_facts(m.name, m.parameters, m.depth)
+            metrics.model_facts(m.descriptor)
         log.info("ready: %s on %s (%s)", ", ".join(engine.models), engine.device, engine.dtype)
         try:
             yield

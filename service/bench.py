@@ -2,7 +2,7 @@
 
 For each scale (x2/x3/x4 for 2, 3, 4; IMDN_AS for any other) and each folder of HR
 images, the LR input is made from the HR image by MATLAB bicubic
-(`models.quality.imresize`, HR cropped to a multiple of the scale), then super-resolved
+(`models.quality.matlab.imresize`, HR cropped to a multiple of the scale), then super-resolved
 by `Engine.upscale`, the very call the HTTP service makes, so planning, tiling,
 batching and precision are the service's. Recorded per image: the wall time of that
 call, and the peak memory of its batches (the CUDA allocator's peak on a GPU, the
@@ -25,9 +25,9 @@ import numpy.typing as npt
 import torch
 from tqdm import tqdm
 
-from models.device import resolve_device
-from models.evaluate import list_images, read_rgb
-from models.quality import imresize, modcrop
+from models.quality.evaluate import dataset_name, list_images, read_rgb
+from models.quality.matlab import imresize, modcrop
+from models.runtime.device import resolve_device
 from service.engine import Engine, model_for_scale
 from service.metrics import Metrics, reset_peak_memory
 from service.report import markdown_table
@@ -140,11 +140,6 @@ def bench_settings(
     return settings.model_copy(update={"warmup": buckets})
 
 
-def dataset_name(folder: Path) -> str:
-    """`Set5/HR` is 'Set5'; any other folder is its own name."""
-    return folder.parent.name if folder.name.upper() == "HR" and folder.parent.name else folder.name
-
-
 def lr_from_hr(hr: Image8, scale: float) -> Image8:
     """The benchmark LR: MATLAB bicubic of the HR cropped to a multiple of the scale
     (integer scales, the paper's protocol), or resized to round(H/s) x round(W/s)."""
@@ -208,7 +203,8 @@ async def run_bench(
         facts, cells = [], []
         for scale in scales:
             model = engine.models[engine.model_name(scale)]
-            facts.append(ModelFacts(model.name, scale, model.parameters, model.depth))
+            d = model.descriptor
+            facts.append(ModelFacts(d.name, scale, d.parameters, d.depth))
             for name in names:
                 cells.append(
                     await _bench_cell(engine, recorder, name, files[name], scale, progress)

@@ -11,12 +11,13 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from models.checkpoints import (
+from models.networks.checkpoints import (
     OFFICIAL_BASE_URL,
     REGISTRY,
     CheckpointError,
@@ -24,9 +25,11 @@ from models.checkpoints import (
     load_model,
     load_official,
 )
-from models.evaluate import IMAGE_SUFFIXES
-from models.imdn import build_model
-from models.profile import profile
+from models.networks.descriptor import describe
+from models.networks.imdn import build_model
+from models.networks.profile import mult_adds_per_output_pixel
+from models.quality.evaluate import IMAGE_SUFFIXES
+from service.planner import FIXED_SCALES
 from service.report import markdown_table
 
 
@@ -233,9 +236,9 @@ def _upscale_remote(args: argparse.Namespace, files: list[Path], out: Path) -> i
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from models.evaluate import evaluate
+    from models.quality.evaluate import evaluate
 
-    name = args.model or (f"x{args.scale}" if args.scale else None)
+    name = args.model or (FIXED_SCALES[args.scale] if args.scale else None)
     if name is None:
         return _fail("give --scale (2, 3, 4) or --model (x2, x3, x4, AS)")
     if name not in REGISTRY:
@@ -265,7 +268,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from models.train import config_from_args, train
+    from models.training.train import config_from_args, train
 
     try:
         result = train(config_from_args(args))
@@ -276,10 +279,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, spec in REGISTRY.items():
-        p = profile(build_model(spec.arch, spec.scale))
-        rows.append({"model": name, **p.as_dict()})
+        network = build_model(spec.model.architecture, spec.model.scale)
+        facts = describe(name, network)  # measured on the module, not read from the registry
+        mult_adds = mult_adds_per_output_pixel(network)
+        rows.append(
+            {
+                "model": name,
+                "parameters": facts.parameters,
+                "depth": facts.depth,
+                "mult_adds_per_output_pixel": mult_adds,
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -393,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    from models.train import add_train_arguments
+    from models.training.train import add_train_arguments
 
     p = sub.add_parser("train", help="train IMDN with the paper's recipe (docs/training.md)")
     add_train_arguments(p)

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import acs
-from models.quality import imresize_tensor
+from models.quality.matlab import imresize_tensor
+from models.runtime import acs
 from service import pixels
 from service.batcher import Batcher, BatchOutcome, Key, Slice
 from service.errors import (
@@ -38,7 +38,7 @@ from service.errors import (
 from service.imaging import output_size
 from service.metrics import Metrics
 from service.planner import FIXED_SCALES, Plan, Planner, check_served, model_for_scale
-from service.runner import DeviceRunner, Job, LoadedModel, activation_bytes, resolve_dtype
+from service.runner import DeviceRunner, Job, LoadedModel, activation_bytes
 from service.settings import Settings
 
 __all__ = [
@@ -55,7 +55,6 @@ __all__ = [
     "UpscaleResult",
     "activation_bytes",
     "model_for_scale",
-    "resolve_dtype",
 ]
 
 log = logging.getLogger(__name__)
@@ -88,7 +87,7 @@ class Engine:
 
     @staticmethod
     def _planner(settings: Settings) -> Planner:
-        from models.device import resolve_device
+        from models.runtime.device import resolve_device
 
         return Planner(
             tile_max_pixels=settings.tile_max_pixels,
@@ -164,7 +163,7 @@ class Engine:
         return check_served(scale, list(self.models))
 
     def plan(self, model: LoadedModel, height: int, width: int) -> Plan:
-        return self.planner.plan(height, width, model.size_multiple)
+        return self.planner.plan(height, width, model.descriptor.size_multiple)
 
     async def upscale(
         self,
@@ -189,7 +188,7 @@ class Engine:
         bits = pixels.bits_of(image)
         target = output_size(image.shape[0], image.shape[1], scale)
         # refuse what cannot fit before any pixel moves (the plan needs only the sizes)
-        plan = self._plan_for(model, *(target if model.scale == 1 else image.shape[:2]))
+        plan = self._plan_for(model, *(target if model.descriptor.any_scale else image.shape[:2]))
         key = (name, *plan.shape)
         batcher.admit(key, len(plan.crops.crops), deadline)
         job, canvas, (h, w) = await asyncio.to_thread(
@@ -206,7 +205,7 @@ class Engine:
             ) from None
         finally:
             batcher.drop(ticket)
-        s = model.scale
+        s = model.descriptor.scale
         out = await asyncio.to_thread(pixels.to_host, canvas[0, :, : h * s, : w * s], bits)
         return UpscaleResult(
             image=out,
@@ -221,7 +220,7 @@ class Engine:
         """The size the network sees: a side below the size rule is padded up to it; with
         buckets every side is (the masked forward needs IMDN_AS's valid region aligned
         to its stride of 4)."""
-        m = model.size_multiple
+        m = model.descriptor.size_multiple
         if min(height, width) < m or (self.planner.buckets and (height % m or width % m)):
             return -(-height // m) * m, -(-width // m) * m
         return height, width
@@ -241,17 +240,19 @@ class Engine:
         """Upload, normalise, resize (IMDN_AS) and cut into padded crops on the device, as
         `plan` says; and the request's integer canvas with the `paste` that fills it."""
         x = pixels.to_unit(image, self.device)
-        if model.scale == 1:  # IMDN_AS restores a bicubic-upscaled image of the target size
+        if (
+            model.descriptor.any_scale
+        ):  # IMDN_AS restores a bicubic-upscaled image of the target size
             x = imresize_tensor(x, size=target).clamp_(0, 1)
         h, w = x.shape[-2:]
         if (plan.crops.height, plan.crops.width) != (h, w):
-            x = acs.pad_to_multiple(x, model.size_multiple)[0]
+            x = acs.pad_to_multiple(x, model.descriptor.size_multiple)[0]
         crops = acs.extract(x, plan.crops)
         crop_h, crop_w = plan.crops.crop_h, plan.crops.crop_w
         if plan.padded:
             bucket_h, bucket_w = plan.shape
             crops = F.pad(crops, (0, bucket_w - crop_w, 0, bucket_h - crop_h), mode="replicate")
-        s = model.scale
+        s = model.descriptor.scale
         canvas = torch.empty(
             (1, 1 if grey else 3, plan.crops.height * s, plan.crops.width * s),
             dtype=torch.uint8 if bits == 8 else torch.int32,

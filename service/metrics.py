@@ -36,7 +36,8 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
-from models.checkpoints import REGISTRY
+from models.networks.checkpoints import REGISTRY
+from models.networks.descriptor import ModelDescriptor
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -91,9 +92,7 @@ scrape interval, so a scrape never misses a peak."""
 def scale_label(model: str) -> str:
     """The `scale` label of a model's series: its fixed factor, or "any" for IMDN_AS."""
     spec = REGISTRY.get(model)
-    if spec is None:
-        return ""
-    return "any" if spec.scale == 1 else str(spec.scale)
+    return "" if spec is None else str(spec.model.served_scale)
 
 
 class Metrics:
@@ -275,11 +274,11 @@ class Metrics:
         self.output_pixels.labels(model=model)
         self.batches.labels(model=model)
 
-    def model_facts(self, model: str, parameters: int, depth: int) -> None:
+    def model_facts(self, model: ModelDescriptor) -> None:
         """A loaded model's parameters and depth, the fixed columns of Table 6."""
-        scale = scale_label(model)
-        self.model_parameters.labels(model=model, scale=scale).set(parameters)
-        self.model_depth.labels(model=model, scale=scale).set(depth)
+        labels = {"model": model.name, "scale": str(model.served_scale)}
+        self.model_parameters.labels(**labels).set(model.parameters)
+        self.model_depth.labels(**labels).set(model.depth)
 
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)

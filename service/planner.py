@@ -20,17 +20,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from models import acs
+from models.networks.checkpoints import REGISTRY
+from models.runtime import acs
 from service.errors import ScaleNotServed
 
-FIXED_SCALES = {2: "x2", 3: "x3", 4: "x4"}
+# the registry's fixed-scale models by their factor, and the one that serves any other
+FIXED_SCALES = {s.model.scale: n for n, s in REGISTRY.items() if not s.model.any_scale}
+ANY_SCALE = next(n for n, s in REGISTRY.items() if s.model.any_scale)
 ACS_PADDING = 32  # the authors' p for the paper's four-crop ACS
 BUCKET_GRANULARITY = 16  # bucket sides are multiples of this (and of the size rule)
 
 
 def model_for_scale(scale: float) -> str:
     """The paper's fixed-scale network for 2, 3 and 4; IMDN_AS for any other scale."""
-    return FIXED_SCALES.get(int(scale), "AS") if float(scale).is_integer() else "AS"
+    fixed = FIXED_SCALES.get(int(scale)) if float(scale).is_integer() else None
+    return fixed or ANY_SCALE
 
 
 def check_served(scale: float, loaded: list[str]) -> str:

@@ -19,22 +19,21 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 
-from models import acs
-from models.backend import Forward, MaskedForward, prepare, prepare_masked, resolve_backend
-from models.checkpoints import REGISTRY, fetch, load_model, load_official
-from models.device import resolve_device
-from models.profile import conv_depth
+from models.networks.checkpoints import REGISTRY, fetch, load_model
+from models.networks.descriptor import ModelDescriptor
+from models.runtime import acs
+from models.runtime.backend import Forward, MaskedForward, prepare, prepare_masked, resolve_backend
+from models.runtime.device import precision_dtype, resolve_device
 from service.batcher import BatchOutcome, Key, Slice
 from service.errors import DeviceOutOfMemory
 from service.metrics import Metrics, peak_memory_bytes, reset_peak_memory
 from service.planner import Planner, padded_batch
-from service.settings import Settings
+from service.settings import ModelName, Settings
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +42,34 @@ MEGACACHE_FILE = "imdn-megacache.bin"
 
 @dataclass
 class LoadedModel:
-    """A warm network on the device, with the facts the reports need."""
+    """A warm network on the device: its descriptor (with this dtype and device) and the
+    forwards that run it."""
 
-    name: str
-    scale: int
-    size_multiple: int
-    parameters: int
-    depth: int
-    dtype: torch.dtype
-    backend: str  # models.backend: how `forward` runs the network
+    descriptor: ModelDescriptor
+    backend: str  # models.runtime.backend: how `forward` runs the network
     forward: Forward  # the backend's forward of the one copy on the device (no buckets)
     masked: MaskedForward | None  # with buckets: the backend's forward of padded crops
     masked_eager: MaskedForward | None  # the same, uncompiled: for shapes not warmed
     warm_shapes: set[tuple[int, ...]] = field(default_factory=set)
     load_seconds: float = 0.0
     warmup_seconds: float = 0.0
+
+    # the facts the routes of service/api.py read, from the descriptor
+    @property
+    def name(self) -> str:
+        return self.descriptor.name
+
+    @property
+    def scale(self) -> int:
+        return self.descriptor.scale
+
+    @property
+    def parameters(self) -> int:
+        return self.descriptor.parameters
+
+    @property
+    def depth(self) -> int:
+        return self.descriptor.depth
 
 
 @dataclass(eq=False)
@@ -69,23 +81,15 @@ class Job:
     paste: Callable[[int, torch.Tensor], None]  # (first crop, clamped outputs) into the canvas
 
 
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    if dtype == torch.float16 and device.type == "cpu":
-        raise ValueError("fp16 is not supported on the CPU; use fp32 or bf16")
-    return dtype
-
-
 def activation_bytes(model: LoadedModel, shape: torch.Size | tuple[int, ...]) -> int:
     """A rough peak of a forward's activations: the six block outputs concatenated
     (384 channels) and a block's working set (~256) at the network's inner
     resolution (a quarter of each side for IMDN_AS), plus the output."""
+    d = model.descriptor
     n, _, h, w = shape
-    inner = (h // model.size_multiple) * (w // model.size_multiple)
-    out = 3 * h * w * model.scale**2
-    itemsize = torch.finfo(model.dtype).bits // 8
+    inner = (h // d.size_multiple) * (w // d.size_multiple)
+    out = 3 * h * w * d.scale**2
+    itemsize = torch.finfo(d.dtype or torch.float32).bits // 8
     return n * (640 * inner + 2 * out) * itemsize
 
 
@@ -97,7 +101,7 @@ class DeviceRunner:
         self.planner = planner
         self.metrics = metrics
         self.device = resolve_device(settings.device)
-        self.dtype = resolve_dtype(settings.precision, self.device)
+        self.dtype = precision_dtype(settings.precision, self.device, prefer_bf16=False)
         self.models: dict[str, LoadedModel] = {}
         self.shapes_run: dict[str, set[tuple[int, int]]] = {}  # crop shapes per model
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imdn-device")
@@ -126,19 +130,18 @@ class DeviceRunner:
     def shutdown(self) -> None:
         self._thread.shutdown(wait=True)
 
-    def load(self, name: str) -> LoadedModel:
+    def load(self, name: ModelName) -> LoadedModel:
         started = time.perf_counter()
         spec = REGISTRY[name]
-        if name in self.settings.checkpoints:  # the user's own file, e.g. from `imdn train`
-            network = load_model(self.settings.checkpoints[name], expect=spec, verify_sha256=False)
-        else:
-            if self.settings.fetch_weights:
-                fetch(spec, self.settings.weights_dir, base_url=self.settings.weights_url)
-            network = load_official(name, Path(self.settings.weights_dir))
-        depth = conv_depth(network)
+        own = name in self.settings.checkpoints  # the user's own file, e.g. from `imdn train`
+        if self.settings.fetch_weights and not own:
+            fetch(spec, self.settings.weights_dir, base_url=self.settings.weights_url)
+        network = load_model(
+            self.settings.checkpoint_path(name), expect=spec, verify_sha256=not own
+        )
+        # the file fits the registry's model exactly (architecture, scale, every shape)
+        descriptor = spec.model.loaded(dtype=self.dtype, device=self.device)
         backend = resolve_backend(self.settings.backend, self.device)
-        scale, multiple = network.scale, network.size_multiple
-        parameters = sum(p.numel() for p in network.parameters())
         # one copy on the device: every forward below runs `network` itself, moved and
         # converted in place (exported backends keep their own runtime copy instead)
         plain = "channels_last" if self.device.type == "cuda" and backend == "compile" else "eager"
@@ -164,12 +167,7 @@ class DeviceRunner:
             )
         del network
         loaded = LoadedModel(
-            name=name,
-            scale=scale,
-            size_multiple=multiple,
-            parameters=parameters,
-            depth=depth,
-            dtype=self.dtype,
+            descriptor=descriptor,
             backend=backend,
             forward=forward,
             masked=masked,
@@ -186,7 +184,7 @@ class DeviceRunner:
     def warm_batches(self, model: LoadedModel) -> list[tuple[int, int, int]]:
         """(batch, h, w) the warm-up runs: with buckets, every shape at every padded batch
         size; without, a small square at batch 1 and 4 (first-call costs only)."""
-        shapes = self.planner.shapes(model.size_multiple)
+        shapes = self.planner.shapes(model.descriptor.size_multiple)
         if shapes:
             return [(b, h, w) for h, w in shapes for b in self.planner.batch_sizes]
         side = min(64, math.isqrt(self.settings.tile_max_pixels)) // 4 * 4
@@ -216,10 +214,10 @@ class DeviceRunner:
             seconds = time.perf_counter() - started
             timings.append((batch, h, w, seconds))
             if model.backend == "compile":
-                log.info("compiled %s for %s in %.1fs", model.name, shape, prepared)
+                log.info("compiled %s for %s in %.1fs", model.descriptor.name, shape, prepared)
         if model.backend == "compile":
             self._save_compile_cache()
-        self.warm_timings[model.name] = timings
+        self.warm_timings[model.descriptor.name] = timings
         return timings
 
     # Batches (on the device thread)
@@ -245,7 +243,7 @@ class DeviceRunner:
                 if size > n:  # padding crops count as wholly valid: no empty statistics
                     x = torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))])
                     valid = torch.cat([valid, valid[:1].expand(size - n, 2)])
-            self.shapes_run.setdefault(model.name, set()).add((x.shape[-2], x.shape[-1]))
+            self.shapes_run.setdefault(model.descriptor.name, set()).add((x.shape[-2], x.shape[-1]))
             reset_peak_memory(self.device)
             started = time.perf_counter()
             y = self._forward_splitting(model, x, valid)[:n]
@@ -257,7 +255,7 @@ class DeviceRunner:
             self._synchronise()
             seconds = time.perf_counter() - started
             peak = peak_memory_bytes(self.device)
-            self.metrics.observe_batch(model.name, n, seconds, peak, self.device.type)
+            self.metrics.observe_batch(model.descriptor.name, n, seconds, peak, self.device.type)
             return BatchOutcome(seconds, peak)
         finally:
             self._busy_since = None
@@ -290,7 +288,7 @@ class DeviceRunner:
                     ]
                 )
             vh, vw = (int(v) for v in valid[0])
-            smallest = (2 * self.settings.tile_padding + 4 * model.size_multiple) ** 2
+            smallest = (2 * self.settings.tile_padding + 4 * model.descriptor.size_multiple) ** 2
             if vh * vw // 2 < smallest:
                 raise
             log.warning("out of memory on one %dx%d crop: tiling it", vh, vw)
@@ -299,7 +297,7 @@ class DeviceRunner:
                 vw,
                 max_crop_pixels=vh * vw // 2,
                 padding=self.settings.tile_padding,
-                multiple=model.size_multiple,
+                multiple=model.descriptor.size_multiple,
             )
             pieces = acs.extract(crops[:, :, :vh, :vw], plan)
             full = torch.tensor([[plan.crop_h, plan.crop_w]], device=crops.device)
@@ -309,7 +307,7 @@ class DeviceRunner:
                     for i in range(len(pieces))
                 ]
             )
-            s = model.scale
+            s = model.descriptor.scale
             stitched = acs.stitch(outputs, plan, scale=s)
             return F.pad(stitched, (0, (w - vw) * s, 0, (h - vh) * s))
 
@@ -325,7 +323,7 @@ class DeviceRunner:
                 f"a batch of {tuple(crops.shape)} needs ~{activation_bytes(model, crops.shape)} "
                 f"bytes; the budget is {budget}"
             )
-        x = crops.to(self.device, dtype=model.dtype)
+        x = crops.to(self.device, dtype=model.descriptor.dtype)
         try:
             with torch.inference_mode():
                 if model.masked is None or model.masked_eager is None:

@@ -15,8 +15,8 @@ from PIL import Image
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from models.backend import BackendUnavailable, CompileMode, resolve_backend
-from models.checkpoints import OFFICIAL_BASE_URL, REGISTRY
+from models.networks.checkpoints import OFFICIAL_BASE_URL, REGISTRY
+from models.runtime.backend import BackendUnavailable, CompileMode, resolve_backend
 
 ModelName = Literal["x2", "x3", "x4", "AS"]
 
@@ -53,10 +53,11 @@ class Settings(BaseSettings):
     backend: Literal["auto", "eager", "channels_last", "onnxruntime", "openvino", "compile"] = (
         Field(
             "eager",
-            description="how the network runs (models/backend.py, docs/benchmarks.md): 'eager' "
-            "gives the authors' exact outputs; the others agree within 1e-4 and are faster on the "
-            "CPU. 'auto': openvino, else onnxruntime when installed, else channels_last; on CUDA "
-            "eager. 'compile': torch.compile of each (model, shape, batch size) during warm-up "
+            description="how the network runs (models/runtime/backend.py, docs/benchmarks.md): "
+            "'eager' gives the authors' exact outputs; the others agree within 1e-4 and are "
+            "faster on the CPU. 'auto': openvino, else onnxruntime when installed, else "
+            "channels_last; on CUDA eager. 'compile': torch.compile of each (model, shape, batch "
+            "size) during warm-up "
             "(CUDA; needs shape buckets)",
         )
     )

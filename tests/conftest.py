@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from models.checkpoints import REGISTRY, load_official
-from models.imdn import IMDN
+from models.networks.checkpoints import REGISTRY, load_official
+from models.networks.imdn import IMDN
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("IMDN_SHARED_DIR", REPO.parent / "shared")).resolve()

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from models.acs import (
+from models.networks.imdn import IMDN, build_model
+from models.quality.matlab import imresize
+from models.runtime.acs import (
     Crop,
     CropPlan,
     acs_plan,
@@ -27,8 +29,6 @@ from models.acs import (
     run_plan,
     stitch,
 )
-from models.imdn import IMDN, build_model
-from models.quality import imresize
 
 SIZES = [
     (1, 1),

@@ -13,7 +13,9 @@ import torch
 import torch.fx
 from PIL import Image
 
-from models.backend import (
+from models.networks.imdn import count_parameters
+from models.quality.matlab import imresize, imresize_tensor
+from models.runtime.backend import (
     BACKENDS,
     BackendUnavailable,
     installed,
@@ -21,8 +23,6 @@ from models.backend import (
     resolve_backend,
     split_free,
 )
-from models.imdn import count_parameters
-from models.quality import imresize, imresize_tensor
 
 CPU = torch.device("cpu")
 TOLERANCE = 1e-4

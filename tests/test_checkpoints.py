@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from models.checkpoints import (
+from models.networks.checkpoints import (
     REGISTRY,
     CheckpointError,
     load_model,
@@ -27,7 +27,8 @@ from models.checkpoints import (
     sha256_of,
     spec_for,
 )
-from models.imdn import build_model, count_parameters
+from models.networks.descriptor import describe
+from models.networks.imdn import build_model, count_parameters
 from service.cli import main
 
 PARAMETERS = {"x2": 694_404, "x3": 703_059, "x4": 715_176, "AS": 752_104}
@@ -46,13 +47,15 @@ def _official_state(weights_dir: Path, name: str) -> dict[str, torch.Tensor]:
 def test_official_checkpoint_loads_strictly(official_model: Any, name: str) -> None:
     model = official_model(name)
     spec = REGISTRY[name]
-    assert count_parameters(model) == PARAMETERS[name] == spec.parameters
-    assert model.scale == spec.scale
+    assert count_parameters(model) == PARAMETERS[name] == spec.model.parameters
+    # the registry's descriptor is the module's own facts, read off it
+    assert describe(name, model) == spec.model
+    assert spec.model.depth == (35 if name == "AS" else 34)  # 34: the paper's Table 6
     assert not model.training
     torch.manual_seed(0)
-    if spec.arch == "IMDN":
+    if spec.model.architecture == "IMDN":
         x = torch.rand(1, 3, 10, 7)
-        expected = (1, 3, 10 * spec.scale, 7 * spec.scale)
+        expected = (1, 3, 10 * spec.model.scale, 7 * spec.model.scale)
     else:
         assert model.size_multiple == 4
         x = torch.rand(1, 3, 12, 8)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models.acs import authors_forward
-from models.checkpoints import REGISTRY
-from models.quality import imresize, imresize_tensor, psnr
+from models.networks.checkpoints import REGISTRY
+from models.quality.matlab import imresize, imresize_tensor, psnr
+from models.runtime.acs import authors_forward
 from service.cli import main
 
 # Table 7: multiply-adds per output pixel.
@@ -37,7 +37,8 @@ def test_profile_json(capsys: pytest.CaptureFixture[str]) -> None:
     rows = {r["model"]: r for r in json.loads(capsys.readouterr().out)}
     assert set(rows) == set(REGISTRY)
     for name, spec in REGISTRY.items():
-        assert rows[name]["parameters"] == spec.parameters
+        assert rows[name]["parameters"] == spec.model.parameters
+        assert rows[name]["depth"] == spec.model.depth
     for name, target in TABLE7_MULT_ADDS.items():
         assert rows[name]["depth"] == 34
         assert rows[name]["mult_adds_per_output_pixel"] == pytest.approx(target, rel=0.02)

@@ -24,6 +24,7 @@ import pytest
 import torch
 import yaml
 
+from models.networks.checkpoints import REGISTRY
 from service.metrics import CudaCollector, Metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -401,7 +402,7 @@ def exposed_metric_names() -> set[str]:
     m.observe_decode(0.01)
     m.observe_encode(0.01)
     m.count_error("queue_full")
-    m.model_facts("x4", 715_176, 34)
+    m.model_facts(REGISTRY["x4"].model)
     m.observe_image_forward("x4", 0.02)
     body, _ = m.render()
     names = {

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models.evaluate import list_images
-from models.quality import psnr
+from models.quality.evaluate import list_images
+from models.quality.matlab import psnr
 from service import imaging
 from service.api import ENGINE_ERRORS, engine_error_status
 from service.bench import bench_settings, run_bench

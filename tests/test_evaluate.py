@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from models.evaluate import EvalReport, ImageScore, evaluate
-from models.imdn import IMDN
+from models.networks.imdn import IMDN
+from models.quality.evaluate import EvalReport, ImageScore, dataset_name, evaluate
 
 ModelFactory = Callable[[str], IMDN]
 
@@ -169,3 +169,12 @@ def test_refuses_what_it_cannot_score(
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
         evaluate(official_model("x4"), empty, lr_dir=None, scale=4)
+
+
+def test_a_data_set_is_named_by_the_folder_above_its_hr_or_gt_images() -> None:
+    """The one rule `imdn eval` and `imdn bench` name their rows by."""
+    assert dataset_name(Path("datasets/Set5/HR")) == "Set5"
+    assert dataset_name(Path("datasets/RealSR/GT")) == "RealSR"
+    assert dataset_name(Path("datasets/Set5/hr")) == "Set5"
+    assert dataset_name(Path("photos")) == "photos"
+    assert dataset_name(Path("HR")) == "HR"  # nothing above it to name it by

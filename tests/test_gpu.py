@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models.evaluate import list_images
-from models.quality import modcrop, psnr, rgb_to_y
+from models.quality.evaluate import list_images
+from models.quality.matlab import modcrop, psnr, rgb_to_y
 from service import imaging
 from service.engine import Engine
 from service.settings import Settings

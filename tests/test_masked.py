@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.imdn import IMDN, IMDN_AS
-from models.masked import masked_forward
+from models.networks.imdn import IMDN, IMDN_AS
+from models.networks.masked import masked_forward
 
 
 @pytest.mark.parametrize("network", [IMDN(scale=3), IMDN_AS()], ids=["IMDN x3", "IMDN_AS"])

@@ -15,6 +15,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from models.networks.checkpoints import REGISTRY
 from service.metrics import (
     OUTCOMES,
     SECONDS_BUCKETS,
@@ -230,11 +231,11 @@ def test_peak_memory_keeps_the_highest_batch_of_its_window() -> None:
 
 def test_model_facts_and_image_forward_are_labelled_with_the_scale() -> None:
     m = Metrics()
-    m.model_facts("x3", parameters=703_059, depth=34)
-    m.model_facts("AS", parameters=752_104, depth=36)
+    m.model_facts(REGISTRY["x3"].model)
+    m.model_facts(REGISTRY["AS"].model)
     m.observe_image_forward("x3", 0.012)
     assert value(m, "imdn_model_parameters", model="x3", scale="3") == 703_059
-    assert value(m, "imdn_model_depth", model="AS", scale="any") == 36
+    assert value(m, "imdn_model_depth", model="AS", scale="any") == 35
     assert value(m, "imdn_image_forward_seconds_count", model="x3", scale="3") == 1
     assert value(m, "imdn_image_forward_seconds_bucket", model="x3", scale="3", le="0.015") == 1
     assert value(m, "imdn_image_forward_seconds_bucket", model="x3", scale="3", le="0.01") == 0

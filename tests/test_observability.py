@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from models.evaluate import read_rgb
+from models.quality.evaluate import read_rgb
 from service.bench import lr_from_hr
 from service.cli import main
 from service.report import REPORT_HEADER

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.quality import (
+from models.quality.matlab import (
     _axis_matrix,
     imresize,
     imresize_tensor,

@@ -28,9 +28,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from bench.process import free_port, stop, wait_ready
-from models.acs import authors_forward
-from models.imdn import IMDN
-from models.quality import imresize_tensor, psnr
+from models.networks.imdn import IMDN
+from models.quality.matlab import imresize_tensor, psnr
+from models.runtime.acs import authors_forward
 from service.engine import model_for_scale
 from service.imaging import output_size
 from service.settings import Settings

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from models.runtime.device import precision_dtype
+from models.training.train import autocast_dtype
 from service.engine import Engine
 from service.runner import MEGACACHE_FILE
 from service.settings import Settings
@@ -96,3 +98,27 @@ def test_compile_backend_warms_every_shape_and_keeps_its_cache(
 def test_compile_without_buckets_is_refused(weights_dir: Path) -> None:
     with pytest.raises(ValueError, match="needs shape_buckets"):
         Settings(weights_dir=weights_dir, backend="compile", shape_buckets="off")
+
+
+def test_precision_auto_is_float32_off_cuda_for_serving_and_training() -> None:
+    """One function names the dtype of a precision setting for the runner and the trainer;
+    `prefer_bf16` is all they differ in, and only on CUDA."""
+    cpu = torch.device("cpu")
+    for prefer_bf16 in (False, True):  # the runner's 'auto', the trainer's
+        assert precision_dtype("auto", cpu, prefer_bf16=prefer_bf16) == torch.float32
+        assert precision_dtype("bf16", cpu, prefer_bf16=prefer_bf16) == torch.bfloat16
+        with pytest.raises(ValueError, match="fp16 needs CUDA"):
+            precision_dtype("fp16", cpu, prefer_bf16=prefer_bf16)
+    with pytest.raises(ValueError, match="precision must be auto or one of"):
+        precision_dtype("fp8", cpu, prefer_bf16=False)
+    assert autocast_dtype("auto", cpu) is None  # training on the CPU: no autocast
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_precision_auto_on_cuda_serves_float16_and_trains_bfloat16_where_supported() -> None:
+    cuda = torch.device("cuda")
+    assert precision_dtype("auto", cuda, prefer_bf16=False) == torch.float16
+    bf16 = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    assert precision_dtype("auto", cuda, prefer_bf16=True) == bf16
+    assert autocast_dtype("auto", cuda) == bf16

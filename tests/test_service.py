@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from models.quality import imresize, modcrop, psnr, rgb_to_y
+from models.quality.matlab import imresize, modcrop, psnr, rgb_to_y
 from service.api import STREAM_CHUNK, _stream
 from service.imaging import encode_png
 from service.metrics import Metrics
@@ -79,9 +79,24 @@ def test_health_readiness_and_models(client: httpx.Client) -> None:
     assert client.get("/readyz").status_code == 200
     models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
     assert set(models) == {"x2", "x3", "x4", "AS"}
-    assert models["x4"]["parameters"] == 715_176
-    assert models["AS"]["parameters"] == 752_104
-    assert models["x3"]["device"] == "cpu" and models["x3"]["precision"] == "float32"
+    assert models["x4"] == {
+        "name": "x4",
+        "architecture": "IMDN",
+        "scale": 4,
+        "parameters": 715_176,
+        "depth": 34,
+        "device": "cpu",
+        "precision": "float32",
+    }
+    assert list(models["AS"].items()) == [  # the fields in this order, as clients saw them
+        ("name", "AS"),
+        ("architecture", "IMDN_AS"),
+        ("scale", "any"),
+        ("parameters", 752_104),
+        ("depth", 35),
+        ("device", "cpu"),
+        ("precision", "float32"),
+    ]
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4])
@@ -334,7 +349,7 @@ def test_serves_a_checkpoint_of_our_own(
     weights_dir: Path, datasets_dir: Path, tmp_path: Path, official_model
 ) -> None:  # type: ignore[no-untyped-def]
     """A trained file (here: the official x2 with a shifted output bias) served by name."""
-    from models.checkpoints import load_official, save_state_dict
+    from models.networks.checkpoints import load_official, save_state_dict
 
     model = load_official("x2", weights_dir)
     with torch.no_grad():

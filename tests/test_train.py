@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.checkpoints import REGISTRY, CheckpointError, load_model
-from models.data import PatchDataset, bicubic_lr, build_cache
-from models.evaluate import evaluate
-from models.imdn import IMDN
-from models.quality import psnr
-from models.train import TrainConfig, TrainResult, configure, load_training_state, train
+from models.networks.checkpoints import REGISTRY, CheckpointError, load_model
+from models.networks.imdn import IMDN
+from models.quality.evaluate import evaluate
+from models.quality.matlab import psnr
+from models.training.data import PatchDataset, bicubic_lr, build_cache
+from models.training.train import TrainConfig, TrainResult, configure, load_training_state, train
 from service.cli import main
 
 OFFICIAL_SET5_X4 = 32.210  # shared/README.md, the official x4 weights on the authors' LR

@@ -8,7 +8,7 @@ MATLAB bicubic. The authors' script runs 1000 epochs of 1000 iterations: 1e6.
 A run writes to its output folder: `checkpoint.pt` (weights, optimizer,
 scheduler, grad scaler, iteration, RNG state: what `resume` needs),
 `last.pth` and, with validation, `best.pth` (plain state dicts with the
-authors' key names, loadable by `models.checkpoints.load_model`), `log.csv`
+authors' key names, loadable by `models.networks.checkpoints.load_model`), `log.csv`
 (iteration, loss, learning rate, validation PSNR) and `config.json`.
 """
 
@@ -34,11 +34,11 @@ from torch.optim import Adam
 from torch.optim.lr_scheduler import StepLR
 from tqdm import tqdm
 
-from models.checkpoints import CheckpointError, atomic_write, load_model, save_state_dict
-from models.data import PatchDataset, build_cache, make_loader
-from models.device import resolve_device
-from models.evaluate import evaluate
-from models.imdn import IMDN, build_model
+from models.networks.checkpoints import CheckpointError, atomic_write, load_model, save_state_dict
+from models.networks.imdn import IMDN, architecture_for, build_model, describe_network
+from models.quality.evaluate import evaluate
+from models.runtime.device import precision_dtype, resolve_device
+from models.training.data import PatchDataset, build_cache, make_loader
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 PRECISIONS: tuple[Precision, ...] = ("auto", "fp32", "fp16", "bf16")
@@ -116,7 +116,7 @@ class TrainConfig:
 
     @property
     def arch(self) -> str:
-        return "IMDN_AS" if self.scale == 1 else "IMDN"
+        return architecture_for(self.scale).architecture
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -185,13 +185,8 @@ class TrainResult:
 
 def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, None for fp32. 'auto': bf16 on CUDA where supported, else fp16."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 training needs CUDA; use bf16 or fp32 on the CPU")
-    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    dtype = precision_dtype(precision, device, prefer_bf16=True)
+    return None if dtype == torch.float32 else dtype
 
 
 def seed_everything(seed: int) -> None:
@@ -343,8 +338,8 @@ def _initial_weights(model: IMDN, path: Path) -> None:
     """Copy weights (only) from any IMDN state dict of the same architecture and scale."""
     source = load_model(path, verify_sha256=False)
     if type(source) is not type(model) or source.scale != model.scale:
-        got = "IMDN_AS" if source.size_multiple == 4 else f"IMDN x{source.scale}"
-        want = "IMDN_AS" if model.size_multiple == 4 else f"IMDN x{model.scale}"
+        got = describe_network(source.architecture, source.scale)
+        want = describe_network(model.architecture, model.scale)
         raise ValueError(f"{path}: holds {got}, but this run trains {want}")
     model.load_state_dict(source.state_dict())
 

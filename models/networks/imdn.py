@@ -1,6 +1,6 @@
 """IMDN and IMDN_AS, as described in the paper (Hui et al., ACM MM 2019).
 
-Module names are our own; `models.checkpoints` maps the official state-dict
+Module names are our own; `models.networks.checkpoints` maps the official state-dict
 keys onto them. Inputs and outputs are RGB float tensors in [0, 1], NCHW.
 """
 
@@ -63,7 +63,8 @@ class InformationMultiDistillationBlock(nn.Module):
 class IMDN(nn.Module):
     """The fixed-scale network: output is `scale` times the input on each side."""
 
-    size_multiple = 1
+    architecture = "IMDN"
+    size_multiple = 1  # input sides must be multiples of this
 
     def __init__(self, *, scale: int, channels: int = 64, blocks: int = 6) -> None:
         super().__init__()
@@ -99,6 +100,7 @@ class IMDN_AS(IMDN):
     so both sides of the input must be multiples of 4.
     """
 
+    architecture = "IMDN_AS"
     size_multiple = 4
 
     def __init__(self, *, channels: int = 64, blocks: int = 6) -> None:
@@ -114,16 +116,33 @@ class IMDN_AS(IMDN):
         return 4
 
 
+def architecture_for(scale: int) -> type[IMDN]:
+    """The network of a network scale: 1 is IMDN_AS (it restores a bicubic upscale of any
+    factor at the same size), 2 and above the fixed-scale IMDN."""
+    return IMDN_AS if scale == 1 else IMDN
+
+
+def describe_network(arch: str, scale: int) -> str:
+    """How messages name a network: "IMDN ×3", or "IMDN_AS (any scale)"."""
+    return (
+        f"{IMDN_AS.architecture} (any scale)"
+        if arch == IMDN_AS.architecture
+        else f"{arch} ×{scale}"
+    )
+
+
 def build_model(arch: str, scale: int) -> IMDN:
     """Build an untrained network: `arch` is "IMDN" (scale 2, 3, 4, ...) or "IMDN_AS"."""
-    if arch == "IMDN":
+    if arch == IMDN.architecture:
         if scale < 2:
             raise ValueError(f"IMDN needs an integer scale >= 2, got {scale}")
         return IMDN(scale=scale)
-    if arch == "IMDN_AS":
+    if arch == IMDN_AS.architecture:
         return IMDN_AS()
     raise ValueError(f"unknown architecture {arch!r}; expected 'IMDN' or 'IMDN_AS'")
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Learnable parameters (Table 6's column): the one count the registry, the runner and
+    the profile share."""
     return sum(p.numel() for p in model.parameters())

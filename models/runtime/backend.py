@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.imdn import IMDN, LEAKY_SLOPE, InformationMultiDistillationBlock
-from models.masked import masked_forward
+from models.networks.imdn import IMDN, LEAKY_SLOPE, InformationMultiDistillationBlock
+from models.networks.masked import masked_forward
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 MaskedForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (crops, valid sizes)
@@ -136,7 +136,7 @@ def prepare_masked(
     *,
     compile_mode: CompileMode = "max-autotune-no-cudagraphs",
 ) -> MaskedForward:
-    """`models.masked.masked_forward` of `model` (moved to `device` and `dtype` in place),
+    """`models.networks.masked.masked_forward` of `model` (moved to `device` and `dtype` in place),
     run by `backend`: what fixed-shape batches of padded crops run. The exported
     backends have no masked form."""
     name = resolve_backend(backend, device)

@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from models.acs import authors_forward
-from models.imdn import IMDN
-from models.quality import imresize, modcrop, psnr, rgb_to_y, ssim
+from models.networks.imdn import IMDN
+from models.quality.matlab import imresize, modcrop, psnr, rgb_to_y, ssim
+from models.runtime.acs import authors_forward
 
 IMAGE_SUFFIXES = frozenset({".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"})
 _EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA"})
@@ -82,6 +82,12 @@ def read_rgb(path: Path) -> Image8:
         if img.mode not in _EIGHT_BIT_MODES:
             raise ValueError(f"{path}: pixel mode {img.mode} is not 8-bit; benchmarks are 8-bit")
         return np.array(img.convert("RGB"), dtype=np.uint8)  # a writable copy
+
+
+def dataset_name(folder: Path) -> str:
+    """`Set5/HR` (or `RealSR/GT`) is 'Set5'; any other folder is its own name."""
+    named_by_parent = folder.name.upper() in {"HR", "GT"} and folder.parent.name
+    return folder.parent.name if named_by_parent else folder.name
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -189,7 +195,7 @@ def evaluate(
         if net_scale == 1
         else f"Y (BT.601, float), shave {net_scale}"
     )
-    dataset = hr_dir.parent.name if hr_dir.name.upper() in {"HR", "GT"} else hr_dir.name
+    dataset = dataset_name(hr_dir)
     report = EvalReport(dataset=dataset, scale=net_scale, protocol=protocol)
     was_training = model.training
     model.eval().to(dev)

@@ -8,24 +8,13 @@ counted by hooks on every convolution during a real forward pass.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
 
-from models.imdn import IMDN, ContrastChannelAttention, count_parameters
-
-
-@dataclass(frozen=True)
-class ModelProfile:
-    parameters: int
-    depth: int
-    mult_adds_per_output_pixel: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from models.networks.imdn import IMDN, ContrastChannelAttention
 
 
 class _GateAsLeaf(torch.fx.Tracer):
@@ -71,12 +60,8 @@ def mult_adds(model: nn.Module, height: int, width: int) -> int:
     return total
 
 
-def profile(model: IMDN, *, input_size: int = 64) -> ModelProfile:
-    """Parameters, depth, and multiply-adds per output pixel (Eq. 10 of the paper)."""
+def mult_adds_per_output_pixel(model: IMDN, *, input_size: int = 64) -> float:
+    """Multiply-adds per output pixel (Eq. 10 of the paper; Table 7's column), measured on
+    an `input_size` square cut to the network's size rule."""
     side = input_size - input_size % model.size_multiple
-    out_pixels = (side * model.scale) ** 2
-    return ModelProfile(
-        parameters=count_parameters(model),
-        depth=conv_depth(model),
-        mult_adds_per_output_pixel=mult_adds(model, side, side) / out_pixels,
-    )
+    return mult_adds(model, side, side) / (side * model.scale) ** 2

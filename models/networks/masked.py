@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.imdn import (
+from models.networks.imdn import (
     IMDN,
     LEAKY_SLOPE,
     ContrastChannelAttention,

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from models.imdn import IMDN, build_model
+from models.networks.descriptor import ModelDescriptor
+from models.networks.imdn import IMDN, IMDN_AS, build_model, describe_network
 
 OFFICIAL_BASE_URL = "https://github.com/Zheng222/IMDN/raw/master/checkpoints"
 
@@ -31,51 +32,62 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class CheckpointSpec:
-    name: str  # "x2", "x3", "x4", "AS"
-    arch: str  # "IMDN" or "IMDN_AS"
-    scale: int  # the network's own factor: 2, 3, 4, or 1 for IMDN_AS
+    """An official checkpoint: the model it holds, and how to get and check the file."""
+
+    model: ModelDescriptor
     filename: str
     sha256: str
-    parameters: int
 
     def url(self, base_url: str = OFFICIAL_BASE_URL) -> str:
         return f"{base_url.rstrip('/')}/{self.filename}"
 
 
+def _official(
+    name: str, network: type[IMDN], scale: int, parameters: int, depth: int, sha256: str
+) -> CheckpointSpec:
+    """A registry entry: the architecture's name and size rule come from its class."""
+    model = ModelDescriptor(
+        name, network.architecture, scale, network.size_multiple, parameters, depth
+    )
+    return CheckpointSpec(model, f"IMDN_{name}.pth", sha256)
+
+
+# The four official models; tests/test_checkpoints.py holds each descriptor to the module
+# the file loads into.
 REGISTRY: dict[str, CheckpointSpec] = {
-    spec.name: spec
+    spec.model.name: spec
     for spec in (
-        CheckpointSpec(
+        _official(
             "x2",
-            "IMDN",
+            IMDN,
             2,
-            "IMDN_x2.pth",
-            "740b39653592bd3f49955a21cd9e16f2d37f2c413368cc09327601b8fbe42ce1",
             694_404,
+            34,
+            "740b39653592bd3f49955a21cd9e16f2d37f2c413368cc09327601b8fbe42ce1",
         ),
-        CheckpointSpec(
+        _official(
             "x3",
-            "IMDN",
+            IMDN,
             3,
-            "IMDN_x3.pth",
-            "11b1716a19bc16e5e353e1db798d476169338e631eb170c82d765559888cb028",
             703_059,
+            34,
+            "11b1716a19bc16e5e353e1db798d476169338e631eb170c82d765559888cb028",
         ),
-        CheckpointSpec(
+        _official(
             "x4",
-            "IMDN",
+            IMDN,
             4,
-            "IMDN_x4.pth",
-            "e660c38221147217a136debeb99eb304d62d9c0f73ac421ed66281b619719714",
             715_176,
+            34,
+            "e660c38221147217a136debeb99eb304d62d9c0f73ac421ed66281b619719714",
         ),
-        CheckpointSpec(
+        _official(
             "AS",
-            "IMDN_AS",
+            IMDN_AS,
             1,
-            "IMDN_AS.pth",
-            "3cbddf7635581a5a1eab501b18081e7825dcdfd53a1a7670e1e571515eae76ff",
             752_104,
+            35,
+            "3cbddf7635581a5a1eab501b18081e7825dcdfd53a1a7670e1e571515eae76ff",
         ),
     )
 }
@@ -165,17 +177,13 @@ def infer_architecture(
     if tail is None or tail.ndim != 4:
         raise CheckpointError(f"{source}: no IMDN upsampler ('upsampler.0.weight') in the file")
     if "head.0.weight" in state:
-        return "IMDN_AS", 1
+        return IMDN_AS.architecture, 1
     factor = round((tail.shape[0] / 3) ** 0.5)
     if 3 * factor * factor != tail.shape[0]:
         raise CheckpointError(
             f"{source}: upsampler has {tail.shape[0]} output channels, not 3·s² for any s"
         )
-    return "IMDN", factor
-
-
-def _describe(arch: str, scale: int) -> str:
-    return "IMDN_AS (any scale)" if arch == "IMDN_AS" else f"IMDN ×{scale}"
+    return IMDN.architecture, factor
 
 
 def load_model(
@@ -199,16 +207,17 @@ def load_model(
     data = path.read_bytes()
     state = _read_state_dict(data, source)
     arch, scale = infer_architecture(state, source)
-    if expect is not None and (arch, scale) != (expect.arch, expect.scale):
+    if expect is not None and (arch, scale) != (expect.model.architecture, expect.model.scale):
+        wanted = describe_network(expect.model.architecture, expect.model.scale)
         raise CheckpointError(
-            f"{source}: holds {_describe(arch, scale)}, but {_describe(expect.arch, expect.scale)} "
-            f"was expected (model {expect.name!r}, file {expect.filename})"
+            f"{source}: holds {describe_network(arch, scale)}, but {wanted} "
+            f"was expected (model {expect.model.name!r}, file {expect.filename})"
         )
     model = build_model(arch, scale)
     missing, unexpected, mismatched = _compare(model.state_dict(), state)
     if missing or unexpected or mismatched:
         raise CheckpointError(
-            f"{source}: does not fit {_describe(arch, scale)}: "
+            f"{source}: does not fit {describe_network(arch, scale)}: "
             + "; ".join(
                 f"{label}: {', '.join(items[:4])}{' …' if len(items) > 4 else ''}"
                 for label, items in (

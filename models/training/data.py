@@ -28,9 +28,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from models.checkpoints import atomic_write
-from models.evaluate import list_images, match_lr, read_rgb
-from models.quality import imresize, modcrop
+from models.networks.checkpoints import atomic_write
+from models.quality.evaluate import list_images, match_lr, read_rgb
+from models.quality.matlab import imresize, modcrop
 
 CACHE_VERSION = 1  # bump when the way cached arrays are made changes
 
