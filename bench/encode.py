@@ -60,7 +60,7 @@ def first_chunk(pixels: np.ndarray, level: int) -> int:
 
 def png_bands(pixels: np.ndarray, threads: int, deflate: imaging.Deflate) -> int:
     """The parallel band encoder through a pool of `threads`, even for one."""
-    stream = imaging._png_stream_banded(
+    stream = imaging.png._png_stream_banded(
         pixels, None, 1, STREAM_CHUNK, threads, imaging.PNG_BAND_BYTES, deflate
     )
     return sum(len(c) for c in stream)

@@ -54,9 +54,8 @@ PROBLEM = "application/problem+json"
 STREAM_CHUNK = 64 * 1024  # IDAT bytes per piece of the streamed PNG
 DEFAULT_QUALITY = 90  # WebP and JPEG, when the request gives no `quality`
 VARY = {"Vary": "Accept"}  # the format depends on it: caches must key on it
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/tiff")
 # what an upload may be labelled (imaging.decode): the bytes decide the format
-UPLOAD_TYPES = (*IMAGE_TYPES, "application/octet-stream")
+UPLOAD_TYPES = (*imaging.ALLOWED_CONTENT_TYPES, "application/octet-stream")
 UPLOAD_SCHEMA = {"type": "string", "format": "binary", "minLength": 1}
 PROBLEM_SCHEMA = {
     "type": "object",
