@@ -8,47 +8,25 @@ the minimum (the least-disturbed run) and the median.
 
 from __future__ import annotations
 
-import datetime
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from models.evaluate import list_images, read_rgb
-
-REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("IMDN_SHARED_DIR", REPO.parent / "shared")).resolve()
-WEIGHTS = Path(os.environ.get("IMDN_WEIGHTS_DIR", SHARED / "weights")).resolve()
-DATASETS = SHARED / "datasets"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from service.machine import describe
+from service.shared import DATASETS
 
 
 def machine(device: torch.device | None = None) -> str:
-    """One line that says where and when the figures were taken."""
-    parts = [
-        datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        f"CPU {cpu_model()}, {os.cpu_count()} cores",
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
-        "load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()),
-    ]
-    if device is not None and device.type == "cuda":
-        parts.insert(2, f"GPU {torch.cuda.get_device_name(device)}")
-    return " | ".join(parts)
+    """One line that says where and when the figures were taken (`service.machine`)."""
+    facts = describe(device or torch.device("cpu"))
+    if device is None:
+        del facts["device"]
+    return " | ".join(f"{name} {value}" for name, value in facts.items())
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import DATASETS, WEIGHTS, interleaved, machine, to_tensor
+from bench.common import interleaved, machine, to_tensor
 from bench.service_vs_model import crops
 from models.backend import prepare, resolve_backend
 from models.checkpoints import load_official
@@ -40,6 +40,7 @@ from models.evaluate import read_rgb
 from service import imaging
 from service.api import DEFAULT_QUALITY, STREAM_CHUNK
 from service.settings import usable_cpus
+from service.shared import DATASETS, WEIGHTS
 
 
 def encode_all(pixels: np.ndarray, level: int) -> int:

@@ -35,16 +35,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import DATASETS, REPO, WEIGHTS, hr_images, machine, percentile, synchronizer
-from bench.process import free_port, stop, wait_ready
+from bench.common import hr_images, machine, percentile, synchronizer
 from models.backend import prepare
 from models.checkpoints import load_official
 from models.device import resolve_device
 from service import imaging
-from service.bench import lr_from_hr
+from service.child import free_port, stop, wait_ready
 from service.engine import Engine
 from service.runner import resolve_dtype
 from service.settings import Settings
+from service.shared import DATASETS, REPO, WEIGHTS
+from service.table6 import lr_from_hr
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.common import WEIGHTS, Timing, bracketed, interleaved, machine, synchronizer
+from bench.common import Timing, bracketed, interleaved, machine, synchronizer
 from models.backend import (
     BACKENDS,
     Forward,
@@ -42,6 +42,7 @@ from models.backend import (
 from models.checkpoints import load_official
 from models.imdn import IMDN
 from models.profile import mult_adds
+from service.shared import WEIGHTS
 
 SIDE = 256
 CONV_REPEATS = 8  # a reference sample lasts a good part of a model call: fairer minimums

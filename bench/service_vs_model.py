@@ -34,10 +34,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import REPO, WEIGHTS, hr_images, machine, percentile, to_tensor
-from bench.process import free_port, stop, wait_ready
+from bench.common import hr_images, machine, percentile, to_tensor
 from models.backend import Forward, prepare, resolve_backend
 from models.checkpoints import load_official
+from service.child import free_port, stop, wait_ready
+from service.shared import REPO, WEIGHTS
 
 
 def crops(count: int, side: int) -> list[np.ndarray]:

@@ -19,7 +19,6 @@ from collections.abc import AsyncGenerator, Callable, Collection, Iterator
 from http import HTTPStatus
 from typing import Annotated, Any
 
-import torch
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -43,6 +42,7 @@ from service.engine import (
     UpscaleResult,
 )
 from service.logs import REQUEST_ID_HEADER, current_request_id
+from service.machine import device_name
 from service.metrics import UNROUTED, Metrics
 from service.negotiation import MEDIA_TYPES, NotAcceptable, choose_format
 from service.report import MEASURES, Report, report_markdown, scale_key
@@ -114,13 +114,6 @@ def problem(
         body["request_id"] = rid
         headers = {**(headers or {}), REQUEST_ID_HEADER: rid}
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
-
-
-def describe_device(engine: Engine) -> str:
-    """The device in words: the GPU's name on CUDA, else the torch device."""
-    if engine.device.type == "cuda":
-        return f"{engine.device} ({torch.cuda.get_device_name(engine.device)})"
-    return str(engine.device)
 
 
 def describe_precision(engine: Engine) -> str:
@@ -428,7 +421,7 @@ async def report_route(request: Request, engine: EngineDep, report: ReportDep) -
     what each figure measures."""
     models = {m.name: (m.scale, m.parameters, m.depth) for m in engine.models.values()}
     rows = report.rows(models)
-    device, precision = describe_device(engine), describe_precision(engine)
+    device, precision = device_name(engine.device), describe_precision(engine)
     if "text/markdown" in request.headers.get("accept", ""):
         text = report_markdown(rows, device=device, precision=precision)
         return PlainTextResponse(text, media_type="text/markdown")

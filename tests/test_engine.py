@@ -17,12 +17,12 @@ from models.evaluate import list_images
 from models.quality import psnr
 from service import imaging
 from service.api import ENGINE_ERRORS, engine_error_status
-from service.bench import bench_settings, run_bench
 from service.engine import Engine
 from service.errors import EngineError, QueueFull, TooCostly
 from service.imaging import output_size
 from service.planner import Planner, model_for_scale
 from service.settings import Settings
+from service.table6 import bench_settings, run_bench
 from tests.live import live_server
 
 SCALES = (2, 3, 4, 2.5)
@@ -43,7 +43,7 @@ def rgb(path: Path) -> np.ndarray:
 
 
 def lr_size(height: int, width: int, scale: float) -> tuple[int, int]:
-    """The size `service.bench.lr_from_hr` makes, without resizing."""
+    """The size `service.table6.lr_from_hr` makes, without resizing."""
     if float(scale).is_integer():
         s = int(scale)
         return height // s, width // s

@@ -40,7 +40,7 @@ def test_the_openapi_document_is_the_recorded_one(name: str, weights_dir: Path) 
 
 
 if __name__ == "__main__":
-    from tests.conftest import WEIGHTS
+    from service.shared import WEIGHTS
 
     for name, settings in VARIANTS.items():
         (DOCUMENTS / f"{name}.json").write_text(document(settings, WEIGHTS))

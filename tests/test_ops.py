@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.process import free_port, stop, wait_ready
+from service.child import free_port, stop, wait_ready
 from service.engine import Engine
 from service.logs import RequestIdFilter
 from service.settings import Settings

@@ -27,10 +27,10 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from bench.process import free_port, stop, wait_ready
 from models.acs import authors_forward
 from models.imdn import IMDN
 from models.quality import imresize_tensor, psnr
+from service.child import free_port, stop, wait_ready
 from service.engine import model_for_scale
 from service.imaging import output_size
 from service.settings import Settings

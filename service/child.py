@@ -1,5 +1,5 @@
-"""Child servers for benchmarks and tests: a free port, waiting until one is ready, stopping
-it cleanly."""
+"""A server in a child process, for the tests and the benchmarks: a free port, waiting until
+it is ready, stopping it cleanly."""
 
 from __future__ import annotations
 
