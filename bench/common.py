@@ -9,10 +9,12 @@ the minimum (the least-disturbed run) and the median.
 from __future__ import annotations
 
 import statistics
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import httpx
 import numpy as np
 import torch
 
@@ -156,3 +158,72 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     """1×3×H×W float in [0, 1] to H×W×3 uint8, rounded as the authors' script rounds."""
     out = x[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0)
     return np.ascontiguousarray(out.cpu().numpy())
+
+
+@dataclass
+class HttpLoad:
+    clients: int
+    seconds: float
+    latencies: list[float]
+    first_bytes: list[float]  # time to the first byte of each answer
+
+    @property
+    def images_per_second(self) -> float:
+        return len(self.latencies) / self.seconds
+
+
+def http_load(
+    url: str,
+    bodies: Sequence[bytes],
+    *,
+    scale: float,
+    clients: int,
+    total: int,
+    content_type: str | None = None,
+    check: Callable[[bytes], bool] = lambda body: True,
+) -> HttpLoad:
+    """`total` requests to /v1/superres (cycling through `bodies`), `clients` at a time, each
+    client sending its next request once the last one's answer is in. Exits if any answer
+    is not a 200 or fails `check`."""
+    todo = iter(range(total))
+    lock = threading.Lock()
+    latencies: list[float] = []
+    first_bytes: list[float] = []
+    errors: list[str] = []
+    headers = {"Content-Type": content_type} if content_type else {}
+
+    def worker() -> None:
+        with httpx.Client(base_url=url, timeout=600) as client:
+            while True:
+                with lock:
+                    i = next(todo, None)
+                if i is None:
+                    return
+                started = time.perf_counter()
+                with client.stream(
+                    "POST",
+                    f"/v1/superres?scale={scale:g}",
+                    content=bodies[i % len(bodies)],
+                    headers=headers,
+                ) as r:
+                    chunks = r.iter_bytes()
+                    first = next(chunks, b"")
+                    ttfb = time.perf_counter() - started
+                    data = first + b"".join(chunks)
+                elapsed = time.perf_counter() - started
+                with lock:
+                    latencies.append(elapsed)
+                    first_bytes.append(ttfb)
+                    if r.status_code != 200 or not check(data):
+                        errors.append(f"{r.status_code} {data[:200]!r}")
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - started
+    if errors:
+        raise SystemExit(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    return HttpLoad(clients, seconds, latencies, first_bytes)

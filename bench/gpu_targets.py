@@ -24,18 +24,16 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import httpx
 import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import hr_images, machine, percentile, synchronizer
+from bench.common import hr_images, http_load, machine, percentile, synchronizer
 from models.backend import prepare
 from models.checkpoints import load_official
 from models.device import resolve_device
@@ -234,36 +232,8 @@ def load(
     url: str, bodies: list[bytes], scale: int, clients: int, total: int
 ) -> tuple[float, list[float]]:
     """Requests per second and latencies: `total` requests, `clients` at a time."""
-    todo = iter(range(total))
-    lock = threading.Lock()
-    latencies: list[float] = []
-    errors: list[str] = []
-
-    def worker() -> None:
-        with httpx.Client(base_url=url, timeout=600) as client:
-            while True:
-                with lock:
-                    i = next(todo, None)
-                if i is None:
-                    return
-                started = time.perf_counter()
-                r = client.post(f"/v1/superres?scale={scale}", content=bodies[i % len(bodies)])
-                elapsed = time.perf_counter() - started
-                with lock:
-                    latencies.append(elapsed)
-                    if r.status_code != 200:
-                        errors.append(f"{r.status_code} {r.text[:200]}")
-
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - started
-    if errors:
-        raise SystemExit(f"{len(errors)} requests failed, e.g. {errors[0]}")
-    return len(latencies) / seconds, latencies
+    done = http_load(url, bodies, scale=scale, clients=clients, total=total)
+    return done.images_per_second, done.latencies
 
 
 def http_rows(sizes: Sizes, in_process: float) -> list[Row]:
