@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -28,7 +27,7 @@ from service.child import free_port, stop, wait_ready
 from service.engine import Engine
 from service.logs import RequestIdFilter
 from service.settings import Settings
-from tests.live import LiveServer, live_server
+from tests.live import LiveServer, live_server, wait_until
 
 GENERATED = re.compile(r"[0-9a-f]{32}")
 
@@ -42,14 +41,6 @@ def png_of(arr: np.ndarray) -> bytes:
 def small_png(side: int = 24, seed: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
     return png_of(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
-
-
-def wait_until(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout}s")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
