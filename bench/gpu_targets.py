@@ -22,8 +22,6 @@ import io
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,11 +36,11 @@ from models.backend import prepare
 from models.checkpoints import load_official
 from models.device import resolve_device
 from service import imaging
-from service.child import free_port, stop, wait_ready
+from service.child import imdn_serve
 from service.engine import Engine
 from service.runner import resolve_dtype
 from service.settings import Settings
-from service.shared import DATASETS, REPO, WEIGHTS
+from service.shared import DATASETS, WEIGHTS
 from service.table6 import lr_from_hr
 
 
@@ -208,24 +206,15 @@ def _decoded(lr: np.ndarray) -> imaging.DecodedImage:
 @contextmanager
 def server(models: list[str]) -> Iterator[str]:
     """`imdn serve` on a free loopback port with the environment's settings."""
-    port = free_port()
-    env = dict(
-        os.environ,
-        IMDN_MODELS=json.dumps(models),
-        IMDN_WEIGHTS_DIR=os.environ.get("IMDN_WEIGHTS_DIR", str(WEIGHTS)),
-        IMDN_LOG_LEVEL="warning",
-        IMDN_REQUEST_TIMEOUT_S="600",
-        IMDN_MAX_QUEUE_CROPS="4096",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=REPO, env=env
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(f"{url}/readyz", proc, what="the server", timeout=1800)
-        yield url
-    finally:
-        stop(proc, timeout=60)
+    settings = {
+        "IMDN_MODELS": json.dumps(models),
+        "IMDN_WEIGHTS_DIR": os.environ.get("IMDN_WEIGHTS_DIR", str(WEIGHTS)),
+        "IMDN_LOG_LEVEL": "warning",
+        "IMDN_REQUEST_TIMEOUT_S": "600",
+        "IMDN_MAX_QUEUE_CROPS": "4096",
+    }
+    with imdn_serve(settings, start_timeout=1800, inherit=True) as served:
+        yield served.url
 
 
 def load(

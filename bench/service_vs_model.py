@@ -18,11 +18,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import statistics
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,8 +31,8 @@ from PIL import Image
 from bench.common import HttpLoad, hr_images, http_load, machine, percentile, to_tensor
 from models.backend import Forward, prepare, resolve_backend
 from models.checkpoints import load_official
-from service.child import free_port, stop, wait_ready
-from service.shared import REPO, WEIGHTS
+from service.child import imdn_serve
+from service.shared import WEIGHTS
 
 
 def crops(count: int, side: int) -> list[np.ndarray]:
@@ -68,24 +65,17 @@ def png_size(data: bytes) -> tuple[int, int]:
 @contextmanager
 def server(backend: str, threads: int) -> Iterator[str]:
     """`imdn serve` on a free loopback port, x4 only, until the block ends."""
-    port = free_port()
-    env = dict(
-        os.environ,
-        IMDN_MODELS='["x4"]',
-        IMDN_WEIGHTS_DIR=str(WEIGHTS),
-        IMDN_BACKEND=backend,
-        IMDN_LOG_LEVEL="warning",
-        IMDN_TORCH_THREADS=str(threads),
-        IMDN_REQUEST_TIMEOUT_S="600",
-    )
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--device", "cpu"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(f"{url}/readyz", proc, what="the server", timeout=300)
-        yield url
-    finally:
-        stop(proc, timeout=60)
+    settings = {
+        "IMDN_MODELS": '["x4"]',
+        "IMDN_WEIGHTS_DIR": str(WEIGHTS),
+        "IMDN_BACKEND": backend,
+        "IMDN_DEVICE": "cpu",
+        "IMDN_LOG_LEVEL": "warning",
+        "IMDN_TORCH_THREADS": str(threads),
+        "IMDN_REQUEST_TIMEOUT_S": "600",
+    }
+    with imdn_serve(settings, start_timeout=300, inherit=True) as served:
+        yield served.url
 
 
 def http_level(url: str, bodies: list[bytes], concurrency: int, side: int, scale: int) -> HttpLoad:

@@ -15,8 +15,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -31,7 +31,8 @@ from models.acs import authors_forward
 from models.evaluate import read_rgb
 from models.imdn import IMDN
 from models.quality import imresize_tensor, psnr
-from service.child import free_port, stop, wait_ready
+from service import child
+from service.child import Served
 from service.engine import model_for_scale
 from service.imaging import output_size
 from service.settings import Settings
@@ -221,52 +222,10 @@ def test_access_misconfiguration_fails_at_start(
 # --------------------------------------------------------------------------- `imdn serve`
 
 
-@dataclass
-class Served:
-    url: str
-    port: int
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def rss_bytes(self) -> int:
-        """The server process's resident memory now, from /proc/<pid>/statm."""
-        pages = int(Path(f"/proc/{self.process.pid}/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def _imdn_command() -> list[str]:
-    script = Path(sys.executable).with_name("imdn")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "service.cli"]
-
-
-@contextmanager
-def imdn_serve(
-    weights_dir: Path, log_dir: Path, env: dict[str, str], start_timeout: float = 120
-) -> Iterator[Served]:
-    """`imdn serve` as a child process on a free loopback port, ready (readyz 200) when
-    the block starts, stopped (SIGTERM, then SIGKILL after 60 s) when it ends."""
-    port = free_port()
-    log = log_dir / f"imdn-serve-{port}.log"
-    full_env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("IMDN_")},
-        "IMDN_WEIGHTS_DIR": str(weights_dir),
-        "IMDN_HOST": "127.0.0.1",
-        "IMDN_PORT": str(port),
-        "IMDN_LOG_LEVEL": "warning",
-        **env,
-    }
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [*_imdn_command(), "serve"], env=full_env, stdout=out, stderr=subprocess.STDOUT
-        )
-    served = Served(f"http://127.0.0.1:{port}", port, process, log)
-    try:
-        wait_ready(
-            f"{served.url}/readyz", process, what="imdn serve", timeout=start_timeout, log=log
-        )
-        yield served
-    finally:
-        stop(process, timeout=60)
+def imdn_serve(weights_dir: Path, log_dir: Path, env: dict[str, str]) -> ContextManager[Served]:
+    """`imdn serve` with the official weights, logging to a file in `log_dir`."""
+    settings = {"IMDN_WEIGHTS_DIR": str(weights_dir), "IMDN_LOG_LEVEL": "warning", **env}
+    return child.imdn_serve(settings, log=log_dir / "imdn-serve.log")
 
 
 # --------------------------------------------------------------------------- load
