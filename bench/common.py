@@ -8,47 +8,27 @@ the minimum (the least-disturbed run) and the median.
 
 from __future__ import annotations
 
-import datetime
-import os
-import platform
 import statistics
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
+import httpx
 import numpy as np
 import torch
 
 from models.quality.evaluate import list_images, read_rgb
-
-REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("IMDN_SHARED_DIR", REPO.parent / "shared")).resolve()
-WEIGHTS = Path(os.environ.get("IMDN_WEIGHTS_DIR", SHARED / "weights")).resolve()
-DATASETS = SHARED / "datasets"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from service.machine import describe
+from service.shared import DATASETS
 
 
 def machine(device: torch.device | None = None) -> str:
-    """One line that says where and when the figures were taken."""
-    parts = [
-        datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        f"CPU {cpu_model()}, {os.cpu_count()} cores",
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
-        "load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()),
-    ]
-    if device is not None and device.type == "cuda":
-        parts.insert(2, f"GPU {torch.cuda.get_device_name(device)}")
-    return " | ".join(parts)
+    """One line that says where and when the figures were taken (`service.machine`)."""
+    facts = describe(device or torch.device("cpu"))
+    if device is None:
+        del facts["device"]
+    return " | ".join(f"{name} {value}" for name, value in facts.items())
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:
@@ -178,3 +158,72 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     """1×3×H×W float in [0, 1] to H×W×3 uint8, rounded as the authors' script rounds."""
     out = x[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0)
     return np.ascontiguousarray(out.cpu().numpy())
+
+
+@dataclass
+class HttpLoad:
+    clients: int
+    seconds: float
+    latencies: list[float]
+    first_bytes: list[float]  # time to the first byte of each answer
+
+    @property
+    def images_per_second(self) -> float:
+        return len(self.latencies) / self.seconds
+
+
+def http_load(
+    url: str,
+    bodies: Sequence[bytes],
+    *,
+    scale: float,
+    clients: int,
+    total: int,
+    content_type: str | None = None,
+    check: Callable[[bytes], bool] = lambda body: True,
+) -> HttpLoad:
+    """`total` requests to /v1/superres (cycling through `bodies`), `clients` at a time, each
+    client sending its next request once the last one's answer is in. Exits if any answer
+    is not a 200 or fails `check`."""
+    todo = iter(range(total))
+    lock = threading.Lock()
+    latencies: list[float] = []
+    first_bytes: list[float] = []
+    errors: list[str] = []
+    headers = {"Content-Type": content_type} if content_type else {}
+
+    def worker() -> None:
+        with httpx.Client(base_url=url, timeout=600) as client:
+            while True:
+                with lock:
+                    i = next(todo, None)
+                if i is None:
+                    return
+                started = time.perf_counter()
+                with client.stream(
+                    "POST",
+                    f"/v1/superres?scale={scale:g}",
+                    content=bodies[i % len(bodies)],
+                    headers=headers,
+                ) as r:
+                    chunks = r.iter_bytes()
+                    first = next(chunks, b"")
+                    ttfb = time.perf_counter() - started
+                    data = first + b"".join(chunks)
+                elapsed = time.perf_counter() - started
+                with lock:
+                    latencies.append(elapsed)
+                    first_bytes.append(ttfb)
+                    if r.status_code != 200 or not check(data):
+                        errors.append(f"{r.status_code} {data[:200]!r}")
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - started
+    if errors:
+        raise SystemExit(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    return HttpLoad(clients, seconds, latencies, first_bytes)

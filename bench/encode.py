@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import DATASETS, WEIGHTS, interleaved, machine, to_tensor
+from bench.common import interleaved, machine, to_tensor
 from bench.service_vs_model import crops
 from models.networks.checkpoints import load_official
 from models.quality.evaluate import read_rgb
@@ -40,6 +40,7 @@ from models.runtime.backend import prepare, resolve_backend
 from service import imaging
 from service.api import DEFAULT_QUALITY, STREAM_CHUNK
 from service.settings import usable_cpus
+from service.shared import DATASETS, WEIGHTS
 
 
 def encode_all(pixels: np.ndarray, level: int) -> int:
@@ -60,7 +61,7 @@ def first_chunk(pixels: np.ndarray, level: int) -> int:
 
 def png_bands(pixels: np.ndarray, threads: int, deflate: imaging.Deflate) -> int:
     """The parallel band encoder through a pool of `threads`, even for one."""
-    stream = imaging._png_stream_banded(
+    stream = imaging.png._png_stream_banded(
         pixels, None, 1, STREAM_CHUNK, threads, imaging.PNG_BAND_BYTES, deflate
     )
     return sum(len(c) for c in stream)

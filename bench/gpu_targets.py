@@ -22,28 +22,25 @@ import io
 import json
 import os
 import statistics
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import httpx
 import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import DATASETS, REPO, WEIGHTS, hr_images, machine, percentile, synchronizer
-from bench.process import free_port, stop, wait_ready
+from bench.common import hr_images, http_load, machine, percentile, synchronizer
 from models.networks.checkpoints import load_official
 from models.runtime.backend import prepare
 from models.runtime.device import precision_dtype, resolve_device
 from service import imaging
-from service.bench import lr_from_hr
+from service.child import imdn_serve
 from service.engine import Engine
 from service.settings import Settings
+from service.shared import DATASETS, WEIGHTS
+from service.table6 import lr_from_hr
 
 
 @dataclass(frozen=True)
@@ -208,60 +205,23 @@ def _decoded(lr: np.ndarray) -> imaging.DecodedImage:
 @contextmanager
 def server(models: list[str]) -> Iterator[str]:
     """`imdn serve` on a free loopback port with the environment's settings."""
-    port = free_port()
-    env = dict(
-        os.environ,
-        IMDN_MODELS=json.dumps(models),
-        IMDN_WEIGHTS_DIR=os.environ.get("IMDN_WEIGHTS_DIR", str(WEIGHTS)),
-        IMDN_LOG_LEVEL="warning",
-        IMDN_REQUEST_TIMEOUT_S="600",
-        IMDN_MAX_QUEUE_CROPS="4096",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=REPO, env=env
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(f"{url}/readyz", proc, what="the server", timeout=1800)
-        yield url
-    finally:
-        stop(proc, timeout=60)
+    settings = {
+        "IMDN_MODELS": json.dumps(models),
+        "IMDN_WEIGHTS_DIR": os.environ.get("IMDN_WEIGHTS_DIR", str(WEIGHTS)),
+        "IMDN_LOG_LEVEL": "warning",
+        "IMDN_REQUEST_TIMEOUT_S": "600",
+        "IMDN_MAX_QUEUE_CROPS": "4096",
+    }
+    with imdn_serve(settings, start_timeout=1800, inherit=True) as served:
+        yield served.url
 
 
 def load(
     url: str, bodies: list[bytes], scale: int, clients: int, total: int
 ) -> tuple[float, list[float]]:
     """Requests per second and latencies: `total` requests, `clients` at a time."""
-    todo = iter(range(total))
-    lock = threading.Lock()
-    latencies: list[float] = []
-    errors: list[str] = []
-
-    def worker() -> None:
-        with httpx.Client(base_url=url, timeout=600) as client:
-            while True:
-                with lock:
-                    i = next(todo, None)
-                if i is None:
-                    return
-                started = time.perf_counter()
-                r = client.post(f"/v1/superres?scale={scale}", content=bodies[i % len(bodies)])
-                elapsed = time.perf_counter() - started
-                with lock:
-                    latencies.append(elapsed)
-                    if r.status_code != 200:
-                        errors.append(f"{r.status_code} {r.text[:200]}")
-
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - started
-    if errors:
-        raise SystemExit(f"{len(errors)} requests failed, e.g. {errors[0]}")
-    return len(latencies) / seconds, latencies
+    done = http_load(url, bodies, scale=scale, clients=clients, total=total)
+    return done.images_per_second, done.latencies
 
 
 def http_rows(sizes: Sizes, in_process: float) -> list[Row]:

@@ -24,7 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.common import REPO, WEIGHTS, hr_images, machine
+from bench.common import hr_images, machine
+from service.shared import REPO, WEIGHTS
 
 SCALE = 4
 

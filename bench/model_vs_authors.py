@@ -29,19 +29,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from bench.common import (
-    WEIGHTS,
-    bracketed,
-    hr_images,
-    machine,
-    synchronizer,
-    to_tensor,
-    to_uint8,
-)
+from bench.common import bracketed, hr_images, machine, synchronizer, to_tensor, to_uint8
 from models.networks.checkpoints import load_official
 from models.networks.imdn import IMDN
 from models.quality.matlab import imresize, modcrop, psnr, rgb_to_y
 from models.runtime.backend import installed, prepare
+from service.shared import WEIGHTS
 
 CPU_TOLERANCE = 1e-4
 GPU_PSNR_TOLERANCE_DB = 0.02

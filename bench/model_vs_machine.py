@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.common import WEIGHTS, Timing, bracketed, interleaved, machine, synchronizer
+from bench.common import Timing, bracketed, interleaved, machine, synchronizer
 from models.networks.checkpoints import load_official
 from models.networks.imdn import IMDN
 from models.networks.profile import mult_adds
@@ -42,6 +42,7 @@ from models.runtime.backend import (
     prepare,
     split_free,
 )
+from service.shared import WEIGHTS
 
 SIDE = 256
 CONV_REPEATS = 8  # a reference sample lasts a good part of a model call: fairer minimums

@@ -18,26 +18,21 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import statistics
 import struct
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
-import httpx
 import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import REPO, WEIGHTS, hr_images, machine, percentile, to_tensor
-from bench.process import free_port, stop, wait_ready
+from bench.common import HttpLoad, hr_images, http_load, machine, percentile, to_tensor
 from models.networks.checkpoints import load_official
 from models.runtime.backend import Forward, prepare, resolve_backend
+from service.child import imdn_serve
+from service.shared import WEIGHTS
 
 
 def crops(count: int, side: int) -> list[np.ndarray]:
@@ -70,82 +65,31 @@ def png_size(data: bytes) -> tuple[int, int]:
 @contextmanager
 def server(backend: str, threads: int) -> Iterator[str]:
     """`imdn serve` on a free loopback port, x4 only, until the block ends."""
-    port = free_port()
-    env = dict(
-        os.environ,
-        IMDN_MODELS='["x4"]',
-        IMDN_WEIGHTS_DIR=str(WEIGHTS),
-        IMDN_BACKEND=backend,
-        IMDN_LOG_LEVEL="warning",
-        IMDN_TORCH_THREADS=str(threads),
-        IMDN_REQUEST_TIMEOUT_S="600",
+    settings = {
+        "IMDN_MODELS": '["x4"]',
+        "IMDN_WEIGHTS_DIR": str(WEIGHTS),
+        "IMDN_BACKEND": backend,
+        "IMDN_DEVICE": "cpu",
+        "IMDN_LOG_LEVEL": "warning",
+        "IMDN_TORCH_THREADS": str(threads),
+        "IMDN_REQUEST_TIMEOUT_S": "600",
+    }
+    with imdn_serve(settings, start_timeout=300, inherit=True) as served:
+        yield served.url
+
+
+def http_level(url: str, bodies: list[bytes], concurrency: int, side: int, scale: int) -> HttpLoad:
+    """Send every body once (cycling to at least `concurrency`), `concurrency` at a time;
+    each answer must be a PNG of the scaled size."""
+    return http_load(
+        url,
+        bodies,
+        scale=scale,
+        clients=concurrency,
+        total=max(len(bodies), concurrency),
+        content_type="image/png",
+        check=lambda data: png_size(data) == (side * scale, side * scale),
     )
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--device", "cpu"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(f"{url}/readyz", proc, what="the server", timeout=300)
-        yield url
-    finally:
-        stop(proc, timeout=60)
-
-
-@dataclass
-class Level:
-    concurrency: int
-    seconds: float
-    latencies: list[float]
-    first_bytes: list[float]
-
-    @property
-    def images_per_second(self) -> float:
-        return len(self.latencies) / self.seconds
-
-
-def http_level(url: str, bodies: list[bytes], concurrency: int, side: int, scale: int) -> Level:
-    """Send every body once (cycling to at least `concurrency`), `concurrency` at a time."""
-    total = max(len(bodies), concurrency)
-    todo = iter(range(total))
-    lock = threading.Lock()
-    latencies: list[float] = []
-    first_bytes: list[float] = []
-    errors: list[str] = []
-
-    def worker() -> None:
-        with httpx.Client(base_url=url, timeout=600) as client:
-            while True:
-                with lock:
-                    i = next(todo, None)
-                if i is None:
-                    return
-                started = time.perf_counter()
-                with client.stream(
-                    "POST",
-                    f"/v1/superres?scale={scale}",
-                    content=bodies[i % len(bodies)],
-                    headers={"Content-Type": "image/png"},
-                ) as r:
-                    chunks = r.iter_bytes()
-                    first = next(chunks, b"")
-                    ttfb = time.perf_counter() - started
-                    data = first + b"".join(chunks)
-                elapsed = time.perf_counter() - started
-                if r.status_code != 200 or png_size(data) != (side * scale, side * scale):
-                    errors.append(f"{r.status_code} {data[:200]!r}")
-                with lock:
-                    latencies.append(elapsed)
-                    first_bytes.append(ttfb)
-
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - started
-    if errors:
-        raise SystemExit(f"{len(errors)} requests failed, e.g. {errors[0]}")
-    return Level(concurrency, seconds, latencies, first_bytes)
 
 
 def model_pass(forward: Forward, inputs: list[torch.Tensor]) -> float:

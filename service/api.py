@@ -19,7 +19,6 @@ from collections.abc import AsyncGenerator, Callable, Collection, Iterator
 from http import HTTPStatus
 from typing import Annotated, Any
 
-import torch
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -43,6 +42,7 @@ from service.engine import (
     UpscaleResult,
 )
 from service.logs import REQUEST_ID_HEADER, current_request_id
+from service.machine import device_name
 from service.metrics import UNROUTED, Metrics
 from service.negotiation import MEDIA_TYPES, NotAcceptable, choose_format
 from service.report import MEASURES, Report, report_markdown, scale_key
@@ -54,9 +54,8 @@ PROBLEM = "application/problem+json"
 STREAM_CHUNK = 64 * 1024  # IDAT bytes per piece of the streamed PNG
 DEFAULT_QUALITY = 90  # WebP and JPEG, when the request gives no `quality`
 VARY = {"Vary": "Accept"}  # the format depends on it: caches must key on it
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/tiff")
 # what an upload may be labelled (imaging.decode): the bytes decide the format
-UPLOAD_TYPES = (*IMAGE_TYPES, "application/octet-stream")
+UPLOAD_TYPES = (*imaging.ALLOWED_CONTENT_TYPES, "application/octet-stream")
 UPLOAD_SCHEMA = {"type": "string", "format": "binary", "minLength": 1}
 PROBLEM_SCHEMA = {
     "type": "object",
@@ -117,13 +116,6 @@ def problem(
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
-def describe_device(engine: Engine) -> str:
-    """The device in words: the GPU's name on CUDA, else the torch device."""
-    if engine.device.type == "cuda":
-        return f"{engine.device} ({torch.cuda.get_device_name(engine.device)})"
-    return str(engine.device)
-
-
 def describe_precision(engine: Engine) -> str:
     """The loaded models' precision (one for all: the engine's dtype)."""
     return str(engine.dtype).removeprefix("torch.")
@@ -132,29 +124,24 @@ def describe_precision(engine: Engine) -> str:
 # Dependencies
 
 
-def get_engine(request: Request) -> Engine:
-    engine: Engine = request.app.state.engine
-    return engine
+def _from_state(name: str) -> Any:
+    """A dependency that hands a route the app's `name` (what `create_app` put in its state)."""
+
+    def get(request: Request) -> Any:
+        return getattr(request.app.state, name)
+
+    return Depends(get)
 
 
-def get_metrics(request: Request) -> Metrics:
-    metrics: Metrics = request.app.state.metrics
-    return metrics
+EngineDep = Annotated[Engine, _from_state("engine")]
+MetricsDep = Annotated[Metrics, _from_state("metrics")]
+SettingsDep = Annotated[Settings, _from_state("settings")]
+ReportDep = Annotated[Report, _from_state("report")]
 
 
-def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-def get_report(request: Request) -> Report:
-    report: Report = request.app.state.report
-    return report
-
-
-def require_api_key(request: Request) -> None:
+def require_api_key(request: Request, settings: SettingsDep) -> None:
     """With `IMDN_API_KEYS` set, a valid key is needed (Bearer token or X-API-Key)."""
-    keys = get_settings(request).api_keys
+    keys = settings.api_keys
     if not keys:
         return
     given = request.headers.get("x-api-key", "")
@@ -174,17 +161,13 @@ def require_api_key(request: Request) -> None:
         )
 
 
-EngineDep = Annotated[Engine, Depends(get_engine)]
-MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-ReportDep = Annotated[Report, Depends(get_report)]
 Authorized = [Depends(require_api_key)]
 
 
-def require_ops_key(request: Request) -> None:
+def require_ops_key(request: Request, settings: SettingsDep) -> None:
     """Health, readiness and metrics are open unless `IMDN_PROTECT_OPS_ROUTES` is set."""
-    if get_settings(request).protect_ops_routes:
-        require_api_key(request)
+    if settings.protect_ops_routes:
+        require_api_key(request, settings)
 
 
 OpsAuthorized = [Depends(require_ops_key)]
@@ -265,6 +248,9 @@ async def image_from_request(
 
 # Routes
 
+router = APIRouter()
+"""Every route of the API; `install` adds them to an app with the error handlers."""
+
 
 def install(app: FastAPI) -> None:
     """Add the routes and the problem+json error handlers to `app`."""
@@ -272,50 +258,51 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_error)
+    app.include_router(router)
     # a bare app (listing the routes) has no settings: document the defaults
     settings = getattr(app.state, "settings", None) or Settings.model_construct()
-    router = _router(served_scales(settings.max_scale, settings.models))
-    app.include_router(router)
-    if settings.api_keys:
-        guards: set[Callable[..., Any]] = {require_api_key}
-        if settings.protect_ops_routes:
-            guards.add(require_ops_key)
-        _declare_bearer_auth(app, router, guards)
+    app.openapi = lambda: _document(app, settings)  # type: ignore[method-assign]
 
 
 BEARER_SCHEME = "bearerAuth"
 
 
-def _declare_bearer_auth(
-    app: FastAPI, router: APIRouter, guards: Collection[Callable[..., Any]]
-) -> None:
-    """Declare an HTTP bearer scheme on `router`'s routes that `guards` protect, so that
-    /docs offers its Authorize button and sends the key. Only with keys set: an open server
-    declares none."""
+def _document(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    """The app's OpenAPI document with what depends on `settings`: the scales this server
+    answers, and, only with keys set, an HTTP bearer scheme on the routes that need a key
+    (so that /docs offers its Authorize button and sends it). Built once, then cached in
+    `app.openapi_schema`, as FastAPI does."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = FastAPI.openapi(app)
+    (scale,) = (
+        p for p in schema["paths"]["/v1/superres"]["post"]["parameters"] if p["name"] == "scale"
+    )
+    # where a field's json_schema_extra would go: before the title, which pydantic adds last
+    title = scale["schema"].pop("title")
+    scale["schema"].update(served_scales(settings.max_scale, settings.models), title=title)
+    if not settings.api_keys:
+        return schema
+    guards: set[Callable[..., Any]] = {require_api_key}
+    if settings.protect_ops_routes:
+        guards.add(require_ops_key)
     protected = {
         (route.path, method.lower())
         for route in router.routes
         if isinstance(route, APIRoute) and any(d.dependency in guards for d in route.dependencies)
         for method in route.methods or ()
     }
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema:
-            return app.openapi_schema
-        schema = FastAPI.openapi(app)  # built once, then cached in app.openapi_schema
-        schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
-        schemes[BEARER_SCHEME] = {
-            "type": "http",
-            "scheme": "bearer",
-            "description": "one of IMDN_API_KEYS (X-API-Key: <key> works too)",
-        }
-        for path, operations in schema.get("paths", {}).items():
-            for method, operation in operations.items():
-                if (path, method) in protected:
-                    operation["security"] = [{BEARER_SCHEME: []}]
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
+    schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes[BEARER_SCHEME] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "one of IMDN_API_KEYS (X-API-Key: <key> works too)",
+    }
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            if (path, method) in protected:
+                operation["security"] = [{BEARER_SCHEME: []}]
+    return schema
 
 
 def served_scales(max_scale: float, models: Collection[str]) -> dict[str, Any]:
@@ -329,184 +316,182 @@ def served_scales(max_scale: float, models: Collection[str]) -> dict[str, Any]:
     return {**schema, "not": {"enum": unserved}} if unserved else schema
 
 
-def _router(scales: dict[str, Any]) -> APIRouter:
-    router = APIRouter()
-
-    @router.get(
-        "/healthz",
-        tags=["ops"],
-        dependencies=OpsAuthorized,
-        responses={
-            503: problem_response("the device worker is wedged: restart the process"),
-            **UNAUTHORIZED,
-        },
-    )
-    async def healthz(engine: EngineDep, settings: SettingsDep) -> Response:
-        """The process serves and its device worker is not wedged (liveness): 503 once one
-        device call has run longer than `IMDN_LIVENESS_TIMEOUT_S`. A busy worker finishes
-        calls one after another, each shorter than that, and stays live."""
-        since = engine.device_busy_since()
-        stuck = 0.0 if since is None else time.monotonic() - since
-        if stuck > settings.liveness_timeout_s:
-            return problem(
-                503,
-                "device_wedged",
-                f"a device call has not returned for {stuck:.0f}s "
-                f"(limit {settings.liveness_timeout_s:g}s)",
-            )
-        return JSONResponse({"status": "ok"})
-
-    @router.get(
-        "/readyz",
-        tags=["ops"],
-        dependencies=OpsAuthorized,
-        responses={
-            200: {"content": {"application/json": {"schema": READY_SCHEMA}}},
-            503: problem_response("models not warm yet, or the server is stopping"),
-            **UNAUTHORIZED,
-        },
-    )
-    async def readyz(engine: EngineDep) -> Response:
-        """200 once every model is loaded and warm (readiness)."""
-        if not engine.ready:
-            return problem(503, "not_ready", "models are loading or the server is stopping")
-        return JSONResponse({"status": "ready", "models": list(engine.models)})
-
-    @router.get(
-        "/metrics",
-        tags=["ops"],
-        dependencies=OpsAuthorized,
-        response_class=PlainTextResponse,
-        responses={
-            200: {
-                "description": "the classic text format, or OpenMetrics when the Accept "
-                "header asks for it",
-                "content": {
-                    "text/plain": {"schema": {"type": "string"}},
-                    "application/openmetrics-text": {"schema": {"type": "string"}},
-                },
-            },
-            **UNAUTHORIZED,
-        },
-    )
-    async def metrics_route(request: Request, metrics: MetricsDep) -> Response:
-        """Prometheus exposition."""
-        body, content_type = metrics.render(request.headers.get("accept"))
-        return Response(body, media_type=content_type)
-
-    @router.get("/v1/models", tags=["models"], dependencies=Authorized, responses=UNAUTHORIZED)
-    async def list_models(engine: EngineDep) -> dict[str, list[dict[str, Any]]]:
-        """The loaded models: scale, parameters, depth, device and precision."""
-        return {"models": [m.descriptor.as_json() for m in engine.models.values()]}
-
-    @router.get(
-        "/v1/report",
-        tags=["models"],
-        dependencies=Authorized,
-        responses={
-            200: {
-                "description": "JSON, or a Markdown table when the Accept header asks for it",
-                "content": {
-                    "application/json": {"schema": {"type": "object"}},
-                    "text/markdown": {"schema": {"type": "string"}},
-                },
-            },
-            **UNAUTHORIZED,
-        },
-    )
-    async def report_route(request: Request, engine: EngineDep, report: ReportDep) -> Response:
-        """Table 6 of the paper, live, per model and scale: parameters, depth, forward time
-        and request time per image, peak memory in MiB; with the device, the precision and
-        what each figure measures."""
-        models = {m.name: (m.scale, m.parameters, m.depth) for m in engine.models.values()}
-        rows = report.rows(models)
-        device, precision = describe_device(engine), describe_precision(engine)
-        if "text/markdown" in request.headers.get("accept", ""):
-            text = report_markdown(rows, device=device, precision=precision)
-            return PlainTextResponse(text, media_type="text/markdown")
-        return JSONResponse(
-            {
-                "device": str(engine.device),
-                "device_name": device,
-                "precision": precision,
-                "measures": MEASURES,
-                "models": [r.as_dict() for r in rows],
-            }
+@router.get(
+    "/healthz",
+    tags=["ops"],
+    dependencies=OpsAuthorized,
+    responses={
+        503: problem_response("the device worker is wedged: restart the process"),
+        **UNAUTHORIZED,
+    },
+)
+async def healthz(engine: EngineDep, settings: SettingsDep) -> Response:
+    """The process serves and its device worker is not wedged (liveness): 503 once one
+    device call has run longer than `IMDN_LIVENESS_TIMEOUT_S`. A busy worker finishes
+    calls one after another, each shorter than that, and stays live."""
+    since = engine.device_busy_since()
+    stuck = 0.0 if since is None else time.monotonic() - since
+    if stuck > settings.liveness_timeout_s:
+        return problem(
+            503,
+            "device_wedged",
+            f"a device call has not returned for {stuck:.0f}s "
+            f"(limit {settings.liveness_timeout_s:g}s)",
         )
+    return JSONResponse({"status": "ok"})
 
-    @router.post(
-        "/v1/superres",
-        tags=["superres"],
-        dependencies=[*Authorized, Depends(require_single_scale)],
-        response_class=StreamingResponse,
-        responses={
-            200: {
-                "content": {media_type: {} for media_type in MEDIA_TYPES.values()},
-                "description": "the super-resolved image: PNG unless the Accept header "
-                "prefers WebP or JPEG",
-            },
-            **{
-                code: problem_response(text)
-                for code, text in (
-                    (400, "undecodable image"),
-                    (401, "missing or wrong API key"),
-                    (406, "Accept allows none of PNG, WebP, JPEG (JPEG: not for alpha)"),
-                    (408, "the body stalled: no part of it for body_read_timeout_s"),
-                    (413, "body, input or output too large"),
-                    (415, "unsupported image type"),
-                    (
-                        422,
-                        "bad or repeated scale, a scale whose model is not loaded, or a "
-                        "multipart body without exactly one 'image' part",
-                    ),
-                    (429, "queue full: retry after Retry-After seconds"),
-                    (503, "not ready"),
-                    (504, "deadline exceeded"),
-                )
+
+@router.get(
+    "/readyz",
+    tags=["ops"],
+    dependencies=OpsAuthorized,
+    responses={
+        200: {"content": {"application/json": {"schema": READY_SCHEMA}}},
+        503: problem_response("models not warm yet, or the server is stopping"),
+        **UNAUTHORIZED,
+    },
+)
+async def readyz(engine: EngineDep) -> Response:
+    """200 once every model is loaded and warm (readiness)."""
+    if not engine.ready:
+        return problem(503, "not_ready", "models are loading or the server is stopping")
+    return JSONResponse({"status": "ready", "models": list(engine.models)})
+
+
+@router.get(
+    "/metrics",
+    tags=["ops"],
+    dependencies=OpsAuthorized,
+    response_class=PlainTextResponse,
+    responses={
+        200: {
+            "description": "the classic text format, or OpenMetrics when the Accept "
+            "header asks for it",
+            "content": {
+                "text/plain": {"schema": {"type": "string"}},
+                "application/openmetrics-text": {"schema": {"type": "string"}},
             },
         },
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    **{t: {"schema": UPLOAD_SCHEMA} for t in UPLOAD_TYPES},
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "required": ["image"],
-                            "properties": {"image": UPLOAD_SCHEMA},
-                        },
-                        "encoding": {"image": {"contentType": ", ".join(UPLOAD_TYPES)}},
-                    },
-                },
-            }
+        **UNAUTHORIZED,
+    },
+)
+async def metrics_route(request: Request, metrics: MetricsDep) -> Response:
+    """Prometheus exposition."""
+    body, content_type = metrics.render(request.headers.get("accept"))
+    return Response(body, media_type=content_type)
+
+
+@router.get("/v1/models", tags=["models"], dependencies=Authorized, responses=UNAUTHORIZED)
+async def list_models(engine: EngineDep) -> dict[str, list[dict[str, Any]]]:
+    """The loaded models: scale, parameters, depth, device and precision."""
+    return {"models": [m.descriptor.as_json() for m in engine.models.values()]}
+
+
+@router.get(
+    "/v1/report",
+    tags=["models"],
+    dependencies=Authorized,
+    responses={
+        200: {
+            "description": "JSON, or a Markdown table when the Accept header asks for it",
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "text/markdown": {"schema": {"type": "string"}},
+            },
         },
+        **UNAUTHORIZED,
+    },
+)
+async def report_route(request: Request, engine: EngineDep, report: ReportDep) -> Response:
+    """Table 6 of the paper, live, per model and scale: parameters, depth, forward time
+    and request time per image, peak memory in MiB; with the device, the precision and
+    what each figure measures."""
+    models = {m.name: (m.scale, m.parameters, m.depth) for m in engine.models.values()}
+    rows = report.rows(models)
+    device, precision = device_name(engine.device), describe_precision(engine)
+    if "text/markdown" in request.headers.get("accept", ""):
+        text = report_markdown(rows, device=device, precision=precision)
+        return PlainTextResponse(text, media_type="text/markdown")
+    return JSONResponse(
+        {
+            "device": str(engine.device),
+            "device_name": device,
+            "precision": precision,
+            "measures": MEASURES,
+            "models": [r.as_dict() for r in rows],
+        }
     )
-    async def superres(
-        request: Request,
-        engine: EngineDep,
-        metrics: MetricsDep,
-        settings: SettingsDep,
-        report: ReportDep,
-        # a default, not Annotated: the schema comes from the settings, and a string
-        # annotation (PEP 563) could not see this closure's `scales`
-        scale: float = Query(
-            description="output / input size, in (1, max_scale]; 2, 3 and 4 need their "
-            "fixed-scale model loaded, any other scale IMDN_AS",
-            json_schema_extra=scales,
-        ),
-        quality: int = Query(
-            DEFAULT_QUALITY,
-            ge=1,
-            le=100,
-            description="WebP and JPEG quality; WebP at 100 is lossless. PNG ignores it",
-        ),
-    ) -> Response:
-        """Super-resolve one image by `scale`; the answer is a PNG, or the WebP or JPEG
-        that the Accept header prefers."""
-        return await _superres(request, engine, metrics, settings, report, scale, quality)
 
-    return router
+
+@router.post(
+    "/v1/superres",
+    tags=["superres"],
+    dependencies=[*Authorized, Depends(require_single_scale)],
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {media_type: {} for media_type in MEDIA_TYPES.values()},
+            "description": "the super-resolved image: PNG unless the Accept header "
+            "prefers WebP or JPEG",
+        },
+        **{
+            code: problem_response(text)
+            for code, text in (
+                (400, "undecodable image"),
+                (401, "missing or wrong API key"),
+                (406, "Accept allows none of PNG, WebP, JPEG (JPEG: not for alpha)"),
+                (408, "the body stalled: no part of it for body_read_timeout_s"),
+                (413, "body, input or output too large"),
+                (415, "unsupported image type"),
+                (
+                    422,
+                    "bad or repeated scale, a scale whose model is not loaded, or a "
+                    "multipart body without exactly one 'image' part",
+                ),
+                (429, "queue full: retry after Retry-After seconds"),
+                (503, "not ready"),
+                (504, "deadline exceeded"),
+            )
+        },
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                **{t: {"schema": UPLOAD_SCHEMA} for t in UPLOAD_TYPES},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image"],
+                        "properties": {"image": UPLOAD_SCHEMA},
+                    },
+                    "encoding": {"image": {"contentType": ", ".join(UPLOAD_TYPES)}},
+                },
+            },
+        }
+    },
+)
+async def superres(
+    request: Request,
+    engine: EngineDep,
+    metrics: MetricsDep,
+    settings: SettingsDep,
+    report: ReportDep,
+    # its range in the OpenAPI document depends on the settings: `_document` adds it
+    scale: float = Query(
+        description="output / input size, in (1, max_scale]; 2, 3 and 4 need their "
+        "fixed-scale model loaded, any other scale IMDN_AS",
+    ),
+    quality: int = Query(
+        DEFAULT_QUALITY,
+        ge=1,
+        le=100,
+        description="WebP and JPEG quality; WebP at 100 is lossless. PNG ignores it",
+    ),
+) -> Response:
+    """Super-resolve one image by `scale`; the answer is a PNG, or the WebP or JPEG
+    that the Accept header prefers."""
+    return await _superres(request, engine, metrics, settings, report, scale, quality)
 
 
 async def _superres(

@@ -315,7 +315,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Table 6 offline: time per image and peak memory through the service's engine."""
-    from service.bench import bench_settings, run_bench
+    from service.table6 import bench_settings, run_bench
 
     try:
         settings = bench_settings(args.scale, weights_dir=args.weights_dir, device=args.device)

@@ -1,24 +1,19 @@
 """Shared fixtures: where the official weights and data sets are, read through settings.
 
 `IMDN_SHARED_DIR` (default `../shared` beside the repository) holds `weights/` and
-`datasets/`; `IMDN_WEIGHTS_DIR` overrides the weights folder alone. Tests that need
-them skip with the reason when they are absent.
+`datasets/`; `IMDN_WEIGHTS_DIR` overrides the weights folder alone (`service/shared.py`,
+which the benchmarks read too). Tests that need them skip with the reason when absent.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from models.networks.checkpoints import REGISTRY, load_official
 from models.networks.imdn import IMDN
-
-REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("IMDN_SHARED_DIR", REPO.parent / "shared")).resolve()
-WEIGHTS = Path(os.environ.get("IMDN_WEIGHTS_DIR", SHARED / "weights")).resolve()
-DATASETS = SHARED / "datasets"
+from service.shared import DATASETS, WEIGHTS
 
 
 @pytest.fixture(scope="session")

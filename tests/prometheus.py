@@ -24,7 +24,7 @@ import httpx
 import pytest
 import yaml
 
-from bench.process import free_port, stop, wait_ready
+from service.child import free_port, stop, wait_ready
 
 JOB = "imdn"
 """The `job` label of the generated config's one scrape job."""

@@ -23,7 +23,6 @@ from models.runtime.acs import (
     authors_forward,
     authors_plan,
     extract,
-    forward_tiled,
     grid_plan,
     pad_to_multiple,
     run_plan,
@@ -313,7 +312,8 @@ def test_extract_order_and_stitch_split() -> None:
 
 def test_tiny_images_are_padded_by_the_run_function() -> None:
     x = torch.rand(1, 3, 2, 9, generator=torch.Generator().manual_seed(5))
-    out = forward_tiled(nearest_x3, x, scale=3, max_crop_pixels=32, multiple=4, padding=0)
+    plan = grid_plan(4, 9, max_crop_pixels=32, padding=0, multiple=4)  # the height padded to 4
+    out = run_plan(nearest_x3, x, plan, scale=3)
     assert torch.equal(out, nearest_x3(x))
 
 

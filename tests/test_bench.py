@@ -10,15 +10,42 @@ import pytest
 from bench import gpu_targets, model_vs_machine
 
 
-def test_model_vs_machine_prints_each_backend_against_the_limit(
+def test_model_vs_machine_prints_a_row_per_backend_and_their_outputs_agree(
     weights_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The table has the six columns, one row per backend it prepared (eager and
+    channels_last at least), eager at 1.00x of itself, and every backend's output within
+    1e-4 of eager's on the same input: a backend that computes something else fails."""
     model_vs_machine.main(["--rounds", "1"])
     out = capsys.readouterr().out
     assert "46.52 G multiply-adds" in out
-    rows = dict(re.findall(r"^(eager|channels_last)\s+(?:[\d.]+\s+){3}([\d.]+)\s", out, re.M))
-    assert set(rows) == {"eager", "channels_last"}, out
-    assert all(0 < float(ratio) < 3 for ratio in rows.values()), rows
+    prepared = re.findall(r"^  (\w+): prepared in ", out, re.M)
+    assert {"eager", "channels_last"} <= set(prepared), out
+    errors = dict(re.findall(r"^  (\w+): max \|output - eager\| = (\S+)$", out, re.M))
+    assert set(errors) == set(prepared), out
+    assert float(errors["eager"]) == 0.0
+    assert all(float(e) <= 1e-4 for e in errors.values()), errors
+
+    table = out[out.index("candidate ") :].split("\n\n")[0].splitlines()
+    assert table[0].split() == [
+        "candidate",
+        "min",
+        "ms",
+        "median",
+        "ms",
+        "GFLOP/s",
+        "of",
+        "limit",
+        "vs",
+        "eager",
+    ]
+    rows = {line.split()[0]: line.split()[1:] for line in table[1:]}
+    assert list(rows) == prepared, table  # no lever rows without --levers
+    for name, cells in rows.items():
+        assert len(cells) == 5, (name, cells)
+        assert all(float(c) > 0 for c in cells[:4]), (name, cells)
+        assert cells[4].endswith("x") and float(cells[4][:-1]) > 0, (name, cells)
+    assert rows["eager"][4] == "1.00x"
 
 
 def test_encode_prints_every_format_for_4k_and_1024(

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.process import free_port
+from service.child import free_port
 from service.cli import main
 from service.client import BACKOFF_CAP_S, describe_refusal, retry_delay
 from service.settings import Settings

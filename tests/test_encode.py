@@ -150,13 +150,13 @@ def test_banded_png_streams_in_order_with_a_bounded_window(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     started: list[int] = []
-    real = imaging._deflate_band
+    real = imaging.png._deflate_band
 
-    def counted(job: imaging._BandJob, top: int, stop: int) -> imaging._Band:
+    def counted(job: imaging.png._BandJob, top: int, stop: int) -> imaging.png._Band:
         started.append(top)
         return real(job, top, stop)
 
-    monkeypatch.setattr(imaging, "_deflate_band", counted)
+    monkeypatch.setattr(imaging.png, "_deflate_band", counted)
     pixels = photo_like(256, 128, 3)  # 384 bytes a row, 8 rows a band: 32 bands
     stream = imaging.encode_png(pixels, threads=2, band_bytes=8 * 384, chunk_bytes=1000)
     head = next(stream)

@@ -13,17 +13,18 @@ import pytest
 import torch
 from PIL import Image
 
-from models.quality.evaluate import list_images
+from models.quality.evaluate import list_images, read_rgb
 from models.quality.matlab import psnr
 from service import imaging
 from service.api import ENGINE_ERRORS, engine_error_status
-from service.bench import bench_settings, run_bench
 from service.engine import Engine
 from service.errors import EngineError, QueueFull, TooCostly
 from service.imaging import output_size
 from service.planner import Planner, model_for_scale
 from service.settings import Settings
+from service.table6 import bench_settings, run_bench
 from tests.live import live_server
+from tests.reference import whole_forward
 
 SCALES = (2, 3, 4, 2.5)
 # exactness and cost figures hold for the CPU in fp32: pinned there on any host
@@ -31,19 +32,8 @@ SCALES = (2, 3, 4, 2.5)
 CPU: dict[str, str] = {"device": "cpu", "precision": "fp32"}
 
 
-def whole(model: torch.nn.Module, lr: np.ndarray) -> np.ndarray:
-    x = torch.from_numpy(lr.copy()).permute(2, 0, 1).unsqueeze(0).float() / 255
-    with torch.inference_mode():
-        y = model(x).clamp(0, 1)[0].permute(1, 2, 0).numpy()
-    return np.round(y * 255).astype(np.uint8)
-
-
-def rgb(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
 def lr_size(height: int, width: int, scale: float) -> tuple[int, int]:
-    """The size `service.bench.lr_from_hr` makes, without resizing."""
+    """The size `service.table6.lr_from_hr` makes, without resizing."""
     if float(scale).is_integer():
         s = int(scale)
         return height // s, width // s
@@ -129,10 +119,10 @@ def test_padded_crops_match_the_whole_image(bucketed, datasets_dir: Path, offici
     keeps them within rounding of the unpadded forward (>= 80 dB; the bar is 45)."""
     engine, loop = bucketed
     for path in list_images(datasets_dir / "Set5" / "LR_bicubic" / "x4")[1:4]:
-        lr = rgb(path)[:60, :50]  # below the 64-px tile: padded to 64x64
+        lr = read_rgb(path)[:60, :50]  # below the 64-px tile: padded to 64x64
         result = loop.run_until_complete(engine.upscale(lr, 4))
         assert result.crops == 1 and result.image.dtype == np.uint8
-        assert psnr(result.image, whole(official_model("x4"), lr)) >= 80
+        assert psnr(result.image, whole_forward(official_model("x4"), lr)) >= 80
     assert engine.batch_shapes["x4"] <= set(engine.planner.shapes(1))
 
 
@@ -140,15 +130,15 @@ def test_tiled_crops_stay_within_45_db_of_the_whole_image(  # type: ignore[no-un
     bucketed, datasets_dir: Path, official_model
 ) -> None:
     engine, loop = bucketed
-    lr = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "babyx4.bmp")
+    lr = read_rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "babyx4.bmp")
     result = loop.run_until_complete(engine.upscale(lr, 4))
     assert result.crops >= 4 and result.image.shape == (lr.shape[0] * 4, lr.shape[1] * 4, 3)
-    assert psnr(result.image, whole(official_model("x4"), lr)) >= 45
+    assert psnr(result.image, whole_forward(official_model("x4"), lr)) >= 45
 
 
 def test_images_of_different_sizes_share_batches(bucketed, datasets_dir: Path) -> None:  # type: ignore[no-untyped-def]
     engine, loop = bucketed
-    lr = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "birdx4.bmp")
+    lr = read_rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "birdx4.bmp")
     sizes = [(20, 30), (40, 17), (33, 33), (64, 48)]
     before = engine.metrics.batches.labels(model="x4")._value.get()
 
@@ -176,7 +166,7 @@ def test_integer_pixels_through_the_engine_are_the_float_path_bit_for_bit(
     """Decoded integers uploaded, normalised, quantised on the device (buckets off, the
     CPU default), then `compose`: exactly what the float path gives (the network on
     `decoded.rgb`, then compose of the float output)."""
-    lr = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "headx4.bmp")[:40, :36]
+    lr = read_rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "headx4.bmp")[:40, :36]
     if kind == "grey":
         data = _png(np.asarray(Image.fromarray(lr).convert("L")), "L")
     elif kind == "rgba":
@@ -220,8 +210,8 @@ def test_engine_errors_map_to_http_in_one_table() -> None:
 def test_a_request_that_can_never_fit_is_413_at_once(weights_dir: Path, datasets_dir: Path) -> None:
     """More crops than the queue holds, or more device time than the deadline at the
     measured throughput (warm-up measures it): 413 `too_costly`, and the server goes on."""
-    big = rgb(datasets_dir / "Set14" / "HR" / "baboon.png")[:480, :480]
-    small = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "birdx4.bmp")[:16, :16]
+    big = read_rgb(datasets_dir / "Set14" / "HR" / "baboon.png")[:480, :480]
+    small = read_rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "birdx4.bmp")[:16, :16]
     for extra in ({"max_queue_crops": 8}, {"request_timeout_s": 0.5}):
         settings = Settings(
             **CPU,

@@ -16,28 +16,17 @@ import pytest
 import torch
 from PIL import Image
 
-from models.quality.evaluate import list_images
+from models.quality.evaluate import list_images, read_rgb
 from models.quality.matlab import modcrop, psnr, rgb_to_y
 from service import imaging
 from service.engine import Engine
 from service.settings import Settings
+from tests.reference import whole_forward
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-
-
-def rgb(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
-def fp32_forward(model: torch.nn.Module, lr: np.ndarray) -> np.ndarray:
-    """The official network in fp32 on the CPU, whole image, rounded as the evaluation."""
-    x = torch.from_numpy(lr.copy()).permute(2, 0, 1).unsqueeze(0).float() / 255
-    with torch.inference_mode():
-        y = model(x).clamp(0, 1)[0].permute(1, 2, 0).numpy()
-    return np.round(y * 255).astype(np.uint8)
 
 
 def run_engine(settings: Settings, images: list[np.ndarray], scale: float) -> list[np.ndarray]:
@@ -80,14 +69,14 @@ def test_set5_psnr_within_0_02_db_of_the_fp32_forward(
     )
     hr_paths = list_images(datasets_dir / "Set5" / "HR")
     lr_dir = datasets_dir / "Set5" / "LR_bicubic" / f"x{scale}"
-    lrs = [rgb(lr_dir / f"{p.stem}x{scale}{p.suffix}") for p in hr_paths]
+    lrs = [read_rgb(lr_dir / f"{p.stem}x{scale}{p.suffix}") for p in hr_paths]
     served = run_engine(settings, lrs, scale)
     ours, reference = [], []
     for hr_path, lr, out in zip(hr_paths, lrs, served, strict=True):
-        hr = modcrop(rgb(hr_path), scale)
+        hr = modcrop(read_rgb(hr_path), scale)
         assert out.shape == hr.shape and out.dtype == np.uint8
         ours.append(psnr(rgb_to_y(out), rgb_to_y(hr), border=scale))
-        expected = fp32_forward(official_model(f"x{scale}"), lr)
+        expected = whole_forward(official_model(f"x{scale}"), lr)
         reference.append(psnr(rgb_to_y(expected), rgb_to_y(hr), border=scale))
     assert abs(np.mean(ours) - np.mean(reference)) <= 0.02, (ours, reference)
     if backend == "compile":
@@ -96,7 +85,7 @@ def test_set5_psnr_within_0_02_db_of_the_fp32_forward(
 
 def test_modes_and_depths_on_cuda(weights_dir: Path, datasets_dir: Path) -> None:
     """Grey, RGBA and 16-bit inputs come back in their own mode and depth at the right size."""
-    lr = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "headx4.bmp")[:40, :36]
+    lr = read_rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "headx4.bmp")[:40, :36]
     grey16 = np.asarray(Image.fromarray(lr).convert("L")).astype(np.uint16) * 257
     cases = {
         "L": Image.fromarray(lr).convert("L"),
@@ -129,11 +118,11 @@ def test_buckets_keep_large_images_close_to_whole(
 ) -> None:  # type: ignore[no-untyped-def]
     """A Set14 image tiled into fixed 128-px crops on CUDA: >= 45 dB from the whole
     image's fp32 forward."""
-    hr = rgb(datasets_dir / "Set14" / "HR" / "comic.png")
+    hr = read_rgb(datasets_dir / "Set14" / "HR" / "comic.png")
     lr = hr[::2, ::2].copy()
     settings = Settings(
         weights_dir=weights_dir, models=["x2"], device="cuda", tile_max_pixels=128 * 128
     )
     (out,) = run_engine(settings, [lr], 2)
     assert out.shape == (lr.shape[0] * 2, lr.shape[1] * 2, 3)
-    assert psnr(out, fp32_forward(official_model("x2"), lr)) >= 45
+    assert psnr(out, whole_forward(official_model("x2"), lr)) >= 45

@@ -1,5 +1,5 @@
 """Hostile and odd inputs over real HTTP, built in code: each gets its documented status
-(service/imaging.py's docstring), the valid odd ones a correct image, and the server keeps
+(docs/images.md), the valid odd ones a correct image, and the server keeps
 serving. Cases already in tests/test_service.py (empty, garbage, truncated PNG, text type,
 GIF bytes, multipart without the field, scale as text/NaN/negative/0/1/1e9) are not repeated.
 """

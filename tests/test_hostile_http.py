@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from models.quality.evaluate import read_rgb
 from service.settings import Settings
-from tests.live import LiveServer, live_server
+from tests.live import LiveServer, live_server, wait_until
 from tests.load import png_bytes, png_size
-from tests.test_reliability import gauge, metric_values, rgb, wait_for
+from tests.test_reliability import gauge, metric_values
 
 BODY_READ_TIMEOUT_S = 2.0
 KEY = "key-14"
@@ -33,7 +34,7 @@ KEY = "key-14"
 @pytest.fixture(scope="module")
 def lr(datasets_dir: Path) -> np.ndarray:
     """A real 48×48 LR patch (Set5 baby)."""
-    return rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "babyx4.bmp")[:48, :48]
+    return read_rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "babyx4.bmp")[:48, :48]
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +242,7 @@ def test_client_gone_while_its_crops_are_in_the_engine_is_logged_at_info(
     settings = Settings(
         weights_dir=weights_dir, models=["x4"], tile_max_pixels=80 * 80, max_batch_size=4
     )
-    big = rgb(datasets_dir / "Set14" / "HR" / "baboon.png")[:192, :192]
+    big = read_rgb(datasets_dir / "Set14" / "HR" / "baboon.png")[:192, :192]
     image = png_bytes(big)
     head = (
         "POST /v1/superres?scale=4 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -260,8 +261,8 @@ def test_client_gone_while_its_crops_are_in_the_engine_is_logged_at_info(
         for _ in range(2):
             with socket.create_connection(("127.0.0.1", _port(srv)), timeout=10) as sock:
                 sock.sendall(head + image)
-                wait_for(lambda: queue_depth() > 0, 30, "crops queued")
-            wait_for(idle, 30, "the request dropped")
+                wait_until(lambda: queue_depth() > 0, 30, "crops queued")
+            wait_until(idle, 30, "the request dropped")
         gc.collect()  # the futures of the cancelled batches are gone now, logged or not
         r = httpx.get(f"{srv.url}/healthz", timeout=10)
         assert r.status_code == 200

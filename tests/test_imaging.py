@@ -1,4 +1,4 @@
-"""service/imaging.py: every input built here in code (Pillow, or PNG/TIFF bytes by hand)."""
+"""service/imaging/: every input built here in code (Pillow, or PNG/TIFF bytes by hand)."""
 
 from __future__ import annotations
 
@@ -756,7 +756,7 @@ def test_compose_in_bands_equals_quantising_the_whole_image(
     rgb_out = (rng.random((48, 64, 3), np.float32) * 1.2 - 0.1).astype(np.float32)
     results = []
     for band_pixels in (1, 64 * 5, 10**9):
-        monkeypatch.setattr("service.imaging.COMPOSE_BAND_PIXELS", band_pixels)
+        monkeypatch.setattr("service.imaging.composing.COMPOSE_BAND_PIXELS", band_pixels)
         results.append(compose(decoded, rgb_out))
     for pixels in results[:2]:
         np.testing.assert_array_equal(pixels, results[-1])

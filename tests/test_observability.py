@@ -28,10 +28,10 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from models.quality.evaluate import read_rgb
-from service.bench import lr_from_hr
 from service.cli import main
 from service.report import REPORT_HEADER
 from service.settings import Settings
+from service.table6 import lr_from_hr
 from tests.live import live_server
 from tests.prometheus import has_finite_value, running_prometheus, series_value
 

@@ -7,16 +7,12 @@ import io
 import itertools
 import json
 import logging
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -24,11 +20,11 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.process import free_port, stop, wait_ready
+from service.child import imdn_serve
 from service.engine import Engine
 from service.logs import RequestIdFilter
 from service.settings import Settings
-from tests.live import LiveServer, live_server
+from tests.live import LiveServer, live_server, wait_until
 
 GENERATED = re.compile(r"[0-9a-f]{32}")
 
@@ -42,14 +38,6 @@ def png_of(arr: np.ndarray) -> bytes:
 def small_png(side: int = 24, seed: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
     return png_of(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
-
-
-def wait_until(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout}s")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -163,41 +151,32 @@ def test_an_unexpected_error_carries_the_id_in_its_body_header_and_log_records(
 def test_imdn_serve_writes_json_lines_with_request_ids_and_no_probe_noise(
     weights_dir: Path, tmp_path: Path
 ) -> None:
-    port = free_port()
     log_path = tmp_path / "serve.log"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("IMDN_")},
+    settings = {
         "IMDN_WEIGHTS_DIR": str(weights_dir),
-        "IMDN_PORT": str(port),
         "IMDN_MODELS": '["x2"]',
         "IMDN_WARMUP": "false",
         "IMDN_LOG_FORMAT": "json",
     }
-    script = Path(sys.executable).with_name("imdn")
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "service.cli"]
-    url = f"http://127.0.0.1:{port}"
-    with log_path.open("wb") as out:
-        process = subprocess.Popen([*command, "serve"], env=env, stdout=out, stderr=out)
-    try:
-        wait_ready(f"{url}/readyz", process, what="imdn serve", timeout=120, log=log_path)
-        with httpx.Client(base_url=url, timeout=60) as c:
-            for _ in range(3):
-                assert c.get("/metrics").status_code == 200
-                assert c.get("/healthz").status_code == 200
-            sent = {
-                "ok-1": c.post(
-                    "/v1/superres?scale=2", content=small_png(), headers={"X-Request-ID": "ok-1"}
-                ).status_code,
-                "bad-scale": c.post(
-                    "/v1/superres?scale=0.5",
-                    content=small_png(),
-                    headers={"X-Request-ID": "bad-scale"},
-                ).status_code,
-                "missing": c.get("/nowhere", headers={"X-Request-ID": "missing"}).status_code,
-            }
-    finally:
-        stop(process, timeout=60)
-    assert process.returncode == 0
+    with (
+        imdn_serve(settings, log=log_path) as served,
+        httpx.Client(base_url=served.url, timeout=60) as c,
+    ):
+        for _ in range(3):
+            assert c.get("/metrics").status_code == 200
+            assert c.get("/healthz").status_code == 200
+        sent = {
+            "ok-1": c.post(
+                "/v1/superres?scale=2", content=small_png(), headers={"X-Request-ID": "ok-1"}
+            ).status_code,
+            "bad-scale": c.post(
+                "/v1/superres?scale=0.5",
+                content=small_png(),
+                headers={"X-Request-ID": "bad-scale"},
+            ).status_code,
+            "missing": c.get("/nowhere", headers={"X-Request-ID": "missing"}).status_code,
+        }
+    assert served.process.returncode == 0
     assert sent == {"ok-1": 200, "bad-scale": 422, "missing": 404}
 
     lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]

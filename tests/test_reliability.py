@@ -15,8 +15,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -27,23 +27,21 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from bench.process import free_port, stop, wait_ready
 from models.networks.imdn import IMDN
+from models.quality.evaluate import read_rgb
 from models.quality.matlab import imresize_tensor, psnr
 from models.runtime.acs import authors_forward
+from service import child
+from service.child import Served
 from service.engine import model_for_scale
 from service.imaging import output_size
 from service.settings import Settings
-from tests.live import LiveServer, live_server
+from tests.live import LiveServer, live_server, wait_until
 from tests.load import make_jobs, png_bytes
 
 OPS_ROUTES = ("/healthz", "/readyz", "/metrics")
 KEYED_ROUTES = ("/v1/models", "/v1/report")
 APP_ORIGIN = "https://app.example"
-
-
-def rgb(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
 
 
 def read_png(data: bytes) -> np.ndarray:
@@ -81,18 +79,10 @@ def gauge(text: str, name: str) -> float:
     return value
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def small_lr(datasets_dir: Path) -> np.ndarray:
     """A real 32×32 LR patch (Set5 bird)."""
-    return rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "birdx4.bmp")[:32, :32]
+    return read_rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "birdx4.bmp")[:32, :32]
 
 
 # --------------------------------------------------------------------------- access
@@ -232,52 +222,10 @@ def test_access_misconfiguration_fails_at_start(
 # --------------------------------------------------------------------------- `imdn serve`
 
 
-@dataclass
-class Served:
-    url: str
-    port: int
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def rss_bytes(self) -> int:
-        """The server process's resident memory now, from /proc/<pid>/statm."""
-        pages = int(Path(f"/proc/{self.process.pid}/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def _imdn_command() -> list[str]:
-    script = Path(sys.executable).with_name("imdn")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "service.cli"]
-
-
-@contextmanager
-def imdn_serve(
-    weights_dir: Path, log_dir: Path, env: dict[str, str], start_timeout: float = 120
-) -> Iterator[Served]:
-    """`imdn serve` as a child process on a free loopback port, ready (readyz 200) when
-    the block starts, stopped (SIGTERM, then SIGKILL after 60 s) when it ends."""
-    port = free_port()
-    log = log_dir / f"imdn-serve-{port}.log"
-    full_env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("IMDN_")},
-        "IMDN_WEIGHTS_DIR": str(weights_dir),
-        "IMDN_HOST": "127.0.0.1",
-        "IMDN_PORT": str(port),
-        "IMDN_LOG_LEVEL": "warning",
-        **env,
-    }
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [*_imdn_command(), "serve"], env=full_env, stdout=out, stderr=subprocess.STDOUT
-        )
-    served = Served(f"http://127.0.0.1:{port}", port, process, log)
-    try:
-        wait_ready(
-            f"{served.url}/readyz", process, what="imdn serve", timeout=start_timeout, log=log
-        )
-        yield served
-    finally:
-        stop(process, timeout=60)
+def imdn_serve(weights_dir: Path, log_dir: Path, env: dict[str, str]) -> ContextManager[Served]:
+    """`imdn serve` with the official weights, logging to a file in `log_dir`."""
+    settings = {"IMDN_WEIGHTS_DIR": str(weights_dir), "IMDN_LOG_LEVEL": "warning", **env}
+    return child.imdn_serve(settings, log=log_dir / "imdn-serve.log")
 
 
 # --------------------------------------------------------------------------- load
@@ -387,7 +335,7 @@ def test_load_mixed_sizes_and_scales_no_errors_no_leak(
     assert set(report["statuses"]) <= {"200", "429", "503"}, report
     assert gauge(metrics, "imdn_requests_in_flight") == 0
     assert gauge(metrics, "imdn_queue_depth") == 0
-    jobs = make_jobs(rgb(source_path), LOAD_REQUESTS, seed=LOAD_SEED)
+    jobs = make_jobs(read_rgb(source_path), LOAD_REQUESTS, seed=LOAD_SEED)
     saved = sorted((tmp_path / "run").glob("*.png"))
     assert len(saved) >= SPOT_CHECKS // 2
     for path in saved:
@@ -440,7 +388,7 @@ def test_device_oom_is_retried_smaller_and_the_client_gets_its_image(
         device_memory_budget_bytes=26_000_000,
         max_batch_wait_ms=200,
     )
-    lr = rgb(datasets_dir / "Set14" / "HR" / "baboon.png")
+    lr = read_rgb(datasets_dir / "Set14" / "HR" / "baboon.png")
     images = [lr[:56, :56], lr[56:112, :56], lr[:56, 56:112], lr[200:328, 200:328]]
     with live_server(settings) as srv:
         before = _error_count(_metrics(srv.url), "device_oom_retry")
@@ -486,7 +434,7 @@ def test_client_gone_mid_upload_frees_its_request(
     before = _metrics(url)
     for _ in range(3):
         _post_raw(port, body + b"\0" * 100_000, send=len(body) // 2)
-    wait_for(lambda: _idle(url), 10, "in-flight gauge back to 0")
+    wait_until(lambda: _idle(url), 10, "in-flight gauge back to 0")
     after = _metrics(url)
     disconnects = _error_count(after, "client_disconnected") - _error_count(
         before, "client_disconnected"
@@ -501,13 +449,13 @@ def test_client_gone_before_the_answer_drops_its_queued_crops(
     slow_server: LiveServer, datasets_dir: Path, small_lr: np.ndarray
 ) -> None:
     url, port = slow_server.url, int(slow_server.url.rsplit(":", 1)[1])
-    big = rgb(datasets_dir / "Set14" / "HR" / "baboon.png")[:192, :192]
+    big = read_rgb(datasets_dir / "Set14" / "HR" / "baboon.png")[:192, :192]
     before = _metrics(url)
     crops_before = sum(metric_values(before, "imdn_batch_size_sum").values())
     with _raw_post(port, png_of(big)):  # closed once its crops are queued, answer unread
-        wait_for(lambda: gauge(_metrics(url), "imdn_queue_depth") > 0, 10, "crops queued")
+        wait_until(lambda: gauge(_metrics(url), "imdn_queue_depth") > 0, 10, "crops queued")
         queued = gauge(_metrics(url), "imdn_queue_depth")
-    wait_for(lambda: _idle(url), 10, "queue and in-flight gauges back to 0")
+    wait_until(lambda: _idle(url), 10, "queue and in-flight gauges back to 0")
     after = _metrics(url)
     computed = sum(metric_values(after, "imdn_batch_size_sum").values()) - crops_before
     assert queued > 50
@@ -534,8 +482,8 @@ def test_past_its_deadline_a_request_is_504_and_its_work_dropped(
         # request up front (tests/test_engine.py covers that), and its deadline passes
         warmup=False,
     )
-    big = rgb(datasets_dir / "Set14" / "HR" / "baboon.png")[:192, :192]
-    small = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "birdx4.bmp")[:16, :16]
+    big = read_rgb(datasets_dir / "Set14" / "HR" / "baboon.png")[:192, :192]
+    small = read_rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "birdx4.bmp")[:16, :16]
     with live_server(settings) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
         started = time.monotonic()
         r = c.post("/v1/superres?scale=4", content=png_of(big))
@@ -545,7 +493,7 @@ def test_past_its_deadline_a_request_is_504_and_its_work_dropped(
         problem = r.json()
         assert problem["status"] == 504 and problem["reason"] == "deadline_exceeded"
         assert elapsed < 5
-        wait_for(lambda: _idle(srv.url), 5, "queue and in-flight gauges back to 0")
+        wait_until(lambda: _idle(srv.url), 5, "queue and in-flight gauges back to 0")
         # a batch already on the device when the deadline passed still runs to its end (a
         # forward cannot be interrupted), so the next request may expire behind it: retry
         give_up = time.monotonic() + 30
@@ -574,7 +522,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_cleanly(
         # by cost could answer the third 429 and it would never be in flight
         "IMDN_WARMUP": "false",
     }
-    big = rgb(datasets_dir / "Set14" / "HR" / "baboon.png")[:128, :128]
+    big = read_rgb(datasets_dir / "Set14" / "HR" / "baboon.png")[:128, :128]
     with imdn_serve(weights_dir, tmp_path, env) as srv:
 
         async def slow_requests() -> list[httpx.Response | BaseException]:

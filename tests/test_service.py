@@ -15,12 +15,14 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from models.quality.evaluate import read_rgb
 from models.quality.matlab import imresize, modcrop, psnr, rgb_to_y
 from service.api import STREAM_CHUNK, _stream
 from service.imaging import encode_png
 from service.metrics import Metrics
 from service.settings import Settings
 from tests.live import LiveServer, live_server
+from tests.reference import whole_forward
 
 # These tests hold the service to the authors' outputs bit for bit, and size a memory
 # budget for float32: pinned to the CPU in fp32 on any host (tests/test_gpu.py covers
@@ -36,18 +38,6 @@ def png_of(arr: np.ndarray) -> bytes:
 
 def read_png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def rgb(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
-def in_process(model: torch.nn.Module, lr: np.ndarray) -> np.ndarray:
-    """The model's output for the whole image, rounded as the evaluation does."""
-    x = torch.from_numpy(lr.copy()).permute(2, 0, 1).unsqueeze(0).float() / 255
-    with torch.inference_mode():
-        y = model(x).clamp(0, 1)[0].permute(1, 2, 0).numpy()
-    return np.round(y * 255).astype(np.uint8)
 
 
 def metric_samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -104,7 +94,7 @@ def test_fixed_scale_equals_the_model_and_its_psnr(
     client: httpx.Client, datasets_dir: Path, official_model, scale: int
 ) -> None:  # type: ignore[no-untyped-def]
     lr_path = datasets_dir / "Set5" / "LR_bicubic" / f"x{scale}" / f"birdx{scale}.bmp"
-    lr = rgb(lr_path)
+    lr = read_rgb(lr_path)
     r = client.post(
         f"/v1/superres?scale={scale}",
         content=lr_path.read_bytes(),
@@ -118,9 +108,9 @@ def test_fixed_scale_equals_the_model_and_its_psnr(
         assert f"{stage};dur=" in timing
     out = read_png(r.content)
     assert out.shape == (lr.shape[0] * scale, lr.shape[1] * scale, 3)
-    expected = in_process(official_model(f"x{scale}"), lr)
+    expected = whole_forward(official_model(f"x{scale}"), lr)
     np.testing.assert_array_equal(out, expected)
-    hr = modcrop(rgb(datasets_dir / "Set5" / "HR" / "bird.bmp"), scale)
+    hr = modcrop(read_rgb(datasets_dir / "Set5" / "HR" / "bird.bmp"), scale)
     served = psnr(rgb_to_y(out), rgb_to_y(hr), border=scale)
     assert served == pytest.approx(psnr(rgb_to_y(expected), rgb_to_y(hr), border=scale))
     assert served > 30  # bird is an easy image: ~36 dB at x4, ~42 dB at x2
@@ -135,8 +125,8 @@ def test_any_scale_beats_bicubic(client: httpx.Client, datasets_dir: Path, scale
     a RealSR LR image, shrunk by `scale`, scored against its HR.
     """
     side = 85 * 4  # divisible by 5 and 17, so the LR size is exact at x2.5 and x1.7
-    hr = rgb(datasets_dir / "RealSR" / "HR" / "cam1_02.png")[:side, :side]
-    camera = rgb(datasets_dir / "RealSR" / "LR" / "cam1_02.png")[:side, :side]
+    hr = read_rgb(datasets_dir / "RealSR" / "HR" / "cam1_02.png")[:side, :side]
+    camera = read_rgb(datasets_dir / "RealSR" / "LR" / "cam1_02.png")[:side, :side]
     lr_side = round(side / scale)
     lr = imresize(camera, size=(lr_side, lr_side))
     r = client.post(f"/v1/superres?scale={scale}", content=png_of(lr))
@@ -157,7 +147,7 @@ def test_multipart_upload(client: httpx.Client, datasets_dir: Path) -> None:
         files={"image": ("h.bmp", lr_path.read_bytes(), "image/bmp")},
     )
     assert r.status_code == 200, r.text
-    lr = rgb(lr_path)
+    lr = read_rgb(lr_path)
     assert read_png(r.content).shape == (lr.shape[0] * 4, lr.shape[1] * 4, 3)
 
 
@@ -226,13 +216,13 @@ def test_large_image_is_tiled_and_close_to_whole(
     settings = Settings(
         **CPU_FP32, weights_dir=weights_dir, models=["x4"], tile_max_pixels=48 * 48, tile_padding=16
     )
-    lr = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "babyx4.bmp")
+    lr = read_rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "babyx4.bmp")
     with live_server(settings) as srv:
         r = httpx.post(f"{srv.url}/v1/superres?scale=4", content=png_of(lr), timeout=300)
     assert r.status_code == 200, r.text
     assert int(r.headers["x-imdn-crops"]) >= 9
     out = read_png(r.content)
-    whole = in_process(official_model("x4"), lr)
+    whole = whole_forward(official_model("x4"), lr)
     assert out.shape == whole.shape
     assert psnr(out, whole) >= 45
 
@@ -247,7 +237,7 @@ async def _post_all(url: str, bodies: list[tuple[float, bytes]]) -> list[httpx.R
 def test_concurrent_mixed_scales_are_batched(
     server: LiveServer, client: httpx.Client, datasets_dir: Path
 ) -> None:
-    lr = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "womanx4.bmp")[:40, :32]
+    lr = read_rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "womanx4.bmp")[:40, :32]
     scales = [2, 3, 4, 2.5] * 4
     before = metric_samples(client.get("/metrics").text, "imdn_batch_size_count")
     responses = asyncio.run(_post_all(server.url, [(s, png_of(lr)) for s in scales]))
@@ -274,7 +264,7 @@ def test_full_queue_answers_429_and_nothing_else_fails(
         max_queue_crops=2,
         max_batch_wait_ms=50,
     )
-    lr = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "babyx4.bmp")[:64, :64]
+    lr = read_rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "babyx4.bmp")[:64, :64]
     with live_server(settings) as srv:
         responses = asyncio.run(_post_all(srv.url, [(2 + i % 2, png_of(lr)) for i in range(16)]))
         after = httpx.get(f"{srv.url}/v1/models", timeout=30)
@@ -309,7 +299,7 @@ def _bad_inputs(lr_png: bytes) -> list[tuple[str, dict[str, str], bytes, str, in
 def test_bad_inputs_get_problem_json_and_the_server_keeps_serving(
     client: httpx.Client, datasets_dir: Path
 ) -> None:
-    lr = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "birdx4.bmp")[:32, :32]
+    lr = read_rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "birdx4.bmp")[:32, :32]
     lr_png = png_of(lr)
     for query, headers, body, what, status in _bad_inputs(lr_png):
         r = client.post(f"/v1/superres?{query}", content=body, headers=headers)
@@ -332,7 +322,7 @@ def test_size_limits(weights_dir: Path, datasets_dir: Path) -> None:
         max_input_pixels=64 * 64,
         max_output_pixels=100 * 100,
     )
-    lr = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "birdx4.bmp")
+    lr = read_rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "birdx4.bmp")
     with live_server(settings) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
         big_body = c.post("/v1/superres?scale=2", content=b"\0" * 30_000)
         assert big_body.status_code == 413 and big_body.json()["reason"] == "body_too_large"
@@ -356,7 +346,7 @@ def test_serves_a_checkpoint_of_our_own(
         model.upsample_conv.bias += 0.02
     path = tmp_path / "best.pth"
     save_state_dict(model, path)
-    lr = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x2" / "headx2.bmp")
+    lr = read_rgb(datasets_dir / "Set5" / "LR_bicubic" / "x2" / "headx2.bmp")
     settings = Settings(
         **CPU_FP32, weights_dir=weights_dir, models=["x2"], checkpoints={"x2": path}
     )
@@ -364,8 +354,8 @@ def test_serves_a_checkpoint_of_our_own(
         r = httpx.post(f"{srv.url}/v1/superres?scale=2", content=png_of(lr), timeout=300)
     assert r.status_code == 200, r.text
     out = read_png(r.content)
-    np.testing.assert_array_equal(out, in_process(model.eval(), lr))
-    assert not np.array_equal(out, in_process(official_model("x2"), lr))
+    np.testing.assert_array_equal(out, whole_forward(model.eval(), lr))
+    assert not np.array_equal(out, whole_forward(official_model("x2"), lr))
 
 
 def test_settings_refuse_a_missing_checkpoint_of_our_own(weights_dir: Path, tmp_path: Path) -> None:
@@ -386,7 +376,7 @@ def test_out_of_memory_even_for_the_smallest_tile_is_a_503(
     settings = Settings(
         **CPU_FP32, weights_dir=weights_dir, models=["x2"], device_memory_budget_bytes=15_000_000
     )
-    lr = rgb(datasets_dir / "Set5" / "LR_bicubic" / "x2" / "birdx2.bmp")
+    lr = read_rgb(datasets_dir / "Set5" / "LR_bicubic" / "x2" / "birdx2.bmp")
     with live_server(settings) as srv, httpx.Client(base_url=srv.url, timeout=120) as c:
         r = c.post("/v1/superres?scale=2", content=png_of(lr[:96, :96]))
         assert r.status_code == 503, r.text

@@ -458,27 +458,3 @@ def authors_forward(model: ModelFn, x: torch.Tensor, *, padding: int = 32) -> to
         if plan.is_whole:
             return model(padded)[:, :, :h, :w]
         return run_plan(model, padded, plan, scale=1)
-
-
-def forward_tiled(
-    model_fn: ModelFn,
-    x: torch.Tensor,
-    *,
-    scale: int,
-    max_crop_pixels: int,
-    multiple: int = 1,
-    padding: int = 32,
-    granularity: int = 16,
-    max_batch: int | None = None,
-) -> torch.Tensor:
-    """Run `model_fn` on `x` through a `grid_plan`; sides below `multiple` are padded first."""
-    h, w = x.shape[-2:]
-    plan = grid_plan(
-        max(h, multiple),
-        max(w, multiple),
-        max_crop_pixels=max_crop_pixels,
-        padding=padding,
-        multiple=multiple,
-        granularity=granularity,
-    )
-    return run_plan(model_fn, x, plan, scale=scale, max_batch=max_batch)

@@ -11,9 +11,6 @@ process's resident memory on the CPU, as `service.metrics` reports them).
 
 from __future__ import annotations
 
-import datetime as dt
-import os
-import platform
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -22,13 +19,13 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 from tqdm import tqdm
 
 from models.quality.evaluate import dataset_name, list_images, read_rgb
 from models.quality.matlab import imresize, modcrop
 from models.runtime.device import resolve_device
 from service.engine import Engine, model_for_scale
+from service.machine import describe
 from service.metrics import Metrics, reset_peak_memory
 from service.report import markdown_table
 from service.settings import Settings
@@ -95,24 +92,6 @@ class BenchResult:
         return f"{facts}\n\n{self.table()}"
 
 
-class _PeakRecorder(Metrics):
-    """The engine's metrics, also keeping the largest batch peak since the last `clear`:
-    an image cut into several batches peaks at its largest batch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.peak_bytes = 0
-
-    def clear(self) -> None:
-        self.peak_bytes = 0
-
-    def observe_batch(
-        self, model: str, size: int, seconds: float, peak_bytes: int, device: str
-    ) -> None:
-        super().observe_batch(model, size, seconds, peak_bytes, device)
-        self.peak_bytes = max(self.peak_bytes, peak_bytes)
-
-
 def models_for(scales: Sequence[float]) -> list[str]:
     """The models that serve `scales`, each once, in the order of the scales."""
     return list(dict.fromkeys(model_for_scale(s) for s in scales))
@@ -149,30 +128,6 @@ def lr_from_hr(hr: Image8, scale: float) -> Image8:
     return imresize(hr, size=size)
 
 
-def machine_description(engine: Engine) -> dict[str, str]:
-    """CPU model, cores, PyTorch version and threads, device, precision, date, load."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    device = str(engine.device)
-    if engine.device.type == "cuda":
-        device += f" ({torch.cuda.get_device_name(engine.device)})"
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "torch": f"{torch.__version__} ({torch.get_num_threads()} threads)",
-        "device": device,
-        "precision": str(engine.dtype).removeprefix("torch."),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "load average at start": "n/a" if load is None else " ".join(f"{x:.2f}" for x in load),
-    }
-
-
 async def run_bench(
     settings: Settings,
     hr_dirs: Sequence[Path],
@@ -195,20 +150,17 @@ async def run_bench(
         raise ValueError(f"two folders have the same data set name: {names}")
     files = {name: list_images(d) for name, d in zip(names, hr_dirs, strict=True)}
 
-    recorder = _PeakRecorder()
-    engine = Engine(settings, recorder)
+    engine = Engine(settings, Metrics())
     await engine.start()
     try:
-        machine = machine_description(engine)
+        machine = describe(engine.device, engine.dtype)
         facts, cells = [], []
         for scale in scales:
             model = engine.models[engine.model_name(scale)]
             d = model.descriptor
             facts.append(ModelFacts(d.name, scale, d.parameters, d.depth))
             for name in names:
-                cells.append(
-                    await _bench_cell(engine, recorder, name, files[name], scale, progress)
-                )
+                cells.append(await _bench_cell(engine, name, files[name], scale, progress))
     finally:
         await engine.stop()
     return BenchResult(machine, facts, cells)
@@ -216,7 +168,6 @@ async def run_bench(
 
 async def _bench_cell(
     engine: Engine,
-    recorder: _PeakRecorder,
     dataset: str,
     files: list[Path],
     scale: float,
@@ -231,11 +182,10 @@ async def _bench_cell(
         if i == 0:
             await engine.upscale(lr, scale)  # untimed warm-up on a real shape
         reset_peak_memory(engine.device)
-        recorder.clear()
         started = time.perf_counter()
-        await engine.upscale(lr, scale)
+        result = await engine.upscale(lr, scale)
         seconds.append(time.perf_counter() - started)
-        peaks.append(recorder.peak_bytes)
+        peaks.append(result.peak_memory_bytes)  # its largest batch's
     return BenchCell(
         dataset=dataset,
         model=engine.model_name(scale),
