@@ -6,7 +6,7 @@ tickets whose crops share that key. What a slice holds is the runner's business
 (`Ticket.payload`), which keeps this module testable with a fake runner.
 
 **Admission.** The batcher measures its throughput (device seconds per crop pixel, per
-model, a moving average over the batches it ran and the warm-up). A request whose own
+model: the lowest rate of the warm-up and the recent batches, see `Throughput`). A request whose own
 crops would take longer than its deadline at that rate, or that has more crops than
 the whole queue may hold, can never be served: `TooCostly` at once. One that would
 fit on an idle device but not behind the work queued now gets `QueueFull`, whose
@@ -89,21 +89,37 @@ Runner = Callable[[Key, list[Slice]], Awaitable[BatchOutcome]]
 
 @dataclass
 class Throughput:
-    """Device seconds per crop pixel, per model: an exponential moving average."""
+    """Device seconds per crop pixel, per model: the lowest rate seen recently.
 
-    weight: float = 0.3
-    seconds_per_pixel: dict[str, float] = field(default_factory=dict)
+    A batch costs a fixed amount per call plus an amount per pixel, so a small batch's
+    seconds per pixel is mostly the fixed part: an average over a run of thumbnails would
+    price a large image many times over and refuse it as too costly. The lowest rate among
+    the warm-up's (kept for good) and the last `window` batches' comes from the largest of
+    them: a lower bound of what a request costs, so admission refuses only what cannot fit,
+    and a slow moment (a busy host) does not stick.
+    """
 
-    def observe(self, model: str, pixels: int, seconds: float) -> None:
+    window: int = 32
+    warm: dict[str, float] = field(default_factory=dict)
+    recent: dict[str, deque[float]] = field(default_factory=dict)
+
+    def observe(self, model: str, pixels: int, seconds: float, *, warm_up: bool = False) -> None:
         if pixels <= 0 or seconds <= 0:
             return
         rate = seconds / pixels
-        old = self.seconds_per_pixel.get(model)
-        self.seconds_per_pixel[model] = rate if old is None else old + self.weight * (rate - old)
+        if warm_up:
+            self.warm[model] = min(rate, self.warm.get(model, rate))
+        else:
+            self.recent.setdefault(model, deque(maxlen=self.window)).append(rate)
+
+    def rate(self, model: str) -> float | None:
+        """Seconds per crop pixel of `model`; None before any measurement."""
+        rates = [*self.recent.get(model, ()), *([self.warm[model]] if model in self.warm else [])]
+        return min(rates) if rates else None
 
     def estimate(self, model: str, pixels: int) -> float | None:
         """Seconds to run `pixels` crop pixels of `model`; None before any measurement."""
-        rate = self.seconds_per_pixel.get(model)
+        rate = self.rate(model)
         return None if rate is None else rate * pixels
 
 

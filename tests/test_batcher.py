@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from service.batcher import Batcher, BatchOutcome, Key, Slice, Ticket
+from service.batcher import Batcher, BatchOutcome, Key, Slice, Throughput, Ticket
 from service.errors import DeadlineExceeded, NotReady, QueueFull, TooCostly
 
 
@@ -138,6 +138,33 @@ def test_admission_by_cost_and_an_honest_retry_after() -> None:
         await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_small_batches_do_not_price_a_large_image_out() -> None:
+    """A thumbnail's batch is mostly fixed per-call cost: its seconds per pixel, scaled up
+    to a large image, would refuse that image as too costly. The rate admission uses is
+    the lowest seen (the warm-up's, kept; or a recent large batch's)."""
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        batcher = make(clock, FakeRunner(clock), max_queue_crops=64)
+        batcher.throughput.observe("x4", 4 * 64 * 64, 0.4, warm_up=True)  # 0.1 s a crop
+        for _ in range(100):  # 8x8 crops at 20 ms each: 32x the warm-up's rate per pixel
+            batcher.throughput.observe("x4", 8 * 8, 0.02)
+        # 30 crops: 3 s at the warm-up's rate, ~96 s at the thumbnails'
+        batcher.submit(KEY, 30, "large", clock.now + 20)
+        assert batcher.queued_seconds() == pytest.approx(3.0)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    throughput = Throughput(window=4)
+    throughput.observe("x2", 100, 10.0)  # a slow moment (10 s a hundred pixels)...
+    assert throughput.estimate("x2", 100) == pytest.approx(10.0)
+    for _ in range(4):
+        throughput.observe("x2", 100, 20.0)  # ...and then slower still, for a window
+    assert throughput.estimate("x2", 100) == pytest.approx(20.0)  # the window moved on
+    throughput.observe("x2", 1000, 1.0)  # a large batch: 1 ms a pixel
+    assert throughput.estimate("x2", 100) == pytest.approx(0.1)
 
 
 def test_crop_limit_retry_after_from_throughput() -> None:
