@@ -290,7 +290,32 @@ def test_jpeg_scan_cut_short_with_its_end_marker_put_back_is_400(params: dict[st
     for cut in (start + (end - start) // 2, end - 40):
         error = _refused(whole[:cut] + b"\xff\xd9", "image/jpeg")
         assert (error.status, error.reason) == (400, "undecodable"), cut
-        assert "ends before" in error.detail
+        assert "premature end of data segment" in error.detail
+
+
+@pytest.mark.parametrize("progressive", [False, True], ids=["baseline", "progressive"])
+def test_corrupt_jpeg_data_that_makes_libjpeg_warn_is_400(progressive: bool) -> None:
+    """Flipped bits in the scan that libjpeg notices (a bad Huffman code, a marker where
+    data should be) only make it warn: Pillow serves the garbled picture; we refuse it.
+    Flips that still decode to valid codes are undetectable by any decoder, and served."""
+    whole = _save(Image.fromarray(_rgb(128, 128)), "JPEG", quality=90, progressive=progressive)
+    start, end = _jpeg_scan(whole)
+    rng = np.random.default_rng(14)
+    refused = 0
+    for _ in range(40):
+        bad = bytearray(whole)
+        bad[int(rng.integers(start, end))] ^= 1 << int(rng.integers(8))
+        with Image.open(io.BytesIO(bytes(bad))) as im:
+            try:
+                im.load()  # what Pillow alone does with it
+            except OSError:
+                continue  # Pillow refuses this one too
+        try:
+            decode(bytes(bad), "image/jpeg", max_pixels=LIMIT)
+        except UndecodableImage as error:
+            assert "libjpeg says Corrupt JPEG data" in error.detail
+            refused += 1
+    assert refused >= 5, refused
 
 
 def test_jpeg_header_declaring_more_than_its_scan_can_code_is_400_before_decoding(

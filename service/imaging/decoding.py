@@ -5,7 +5,6 @@ from damaged data (the policy: docs/images.md)."""
 from __future__ import annotations
 
 import io
-import os
 import struct
 import sys
 import zlib
@@ -15,7 +14,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-from PIL import ExifTags, Image, ImageChops, ImageCms, ImageFile, UnidentifiedImageError
+import simplejpeg
+from PIL import ExifTags, Image, ImageCms, ImageFile, UnidentifiedImageError
 
 from service.imaging.errors import ImageTooLarge, UndecodableImage, UnsupportedImageType
 
@@ -454,15 +454,12 @@ def _check_png_whole(data: bytes) -> None:
 # which every block costs at least a bit; arithmetic and lossless JPEGs have no such floor.
 _HUFFMAN_DCT_FRAMES = {0xC0: False, 0xC1: False, 0xC2: True}  # marker -> progressive
 _FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-_JUNK_BYTES = 32
 
 
 @dataclass
 class _JpegLayout:
-    """What the probe and the size floor need from a JPEG's markers (its first image)."""
+    """What the size floor needs from a JPEG's markers (its first image)."""
 
-    segment_ends: list[int]
-    """Offsets where entropy-coded segments end: each scan's end and each restart marker."""
     min_scan_bits: int
     """Fewest bits of scan data that can code every block the frame declares; 0: no floor."""
     scan_bytes: int
@@ -470,7 +467,6 @@ class _JpegLayout:
 
 def _jpeg_layout(data: bytes) -> _JpegLayout:
     """Walk the markers of the first image (an MPO's later images are not read)."""
-    ends: list[int] = []
     frame: tuple[int, int, int, dict[int, tuple[int, int]]] | None = None
     need_bits, scan_bytes, pos = 0, 0, 2
     while pos + 4 <= len(data) and data[pos] == 0xFF:
@@ -501,14 +497,13 @@ def _jpeg_layout(data: bytes) -> _JpegLayout:
         start = pos
         pos = _segment_end(data, pos)
         while pos < len(data):
-            ends.append(pos)
             pos = _skip_fill(data, pos)
             if not 0xD0 <= data[pos + 1] <= 0xD7:  # not a restart marker: the scan is over
                 break
             pos = _segment_end(data, pos + 2)
         scan_bytes += pos - start
         need_bits += _scan_floor_bits(frame, body)
-    return _JpegLayout(ends, need_bits, scan_bytes)
+    return _JpegLayout(need_bits, scan_bytes)
 
 
 def _segment_end(data: bytes, pos: int) -> int:
@@ -565,28 +560,26 @@ def _check_jpeg_scan_size(layout: _JpegLayout, size: tuple[int, int]) -> None:
         )
 
 
-def _check_jpeg_whole(im: Image.Image, data: bytes, layout: _JpegLayout, fmt: str) -> None:
-    """Refuse a JPEG one of whose entropy-coded segments ends before its blocks do.
+# libjpeg's output colour space for each colour space simplejpeg reads from a header
+_JPEG_COLOURSPACES = {"Gray": "GRAY", "CMYK": "CMYK", "YCCK": "CMYK"}
 
-    libjpeg meets the marker early, warns (Pillow drops the warning) and fills the missing
-    blocks with flat grey. So decode again with random bytes put before each segment's
-    closing marker: after a whole segment the decoder skips them, unread; in a short one
-    it reads them as data, and the picture changes.
+
+def _check_jpeg_warnings(data: bytes) -> None:
+    """Refuse a JPEG whose decoding makes libjpeg warn: a scan cut short (libjpeg fills the
+    missing blocks grey), corrupt entropy-coded data, bytes where a marker should be.
+
+    Pillow drops libjpeg's warnings; simplejpeg (libjpeg-turbo) in strict mode raises
+    them. The check decodes at 1/8 scale: every coefficient is still entropy-decoded, so
+    every warning still fires, for a fraction of a full decode. It runs before Pillow's
+    decode, so damaged data costs no full decode either.
     """
-    if not layout.segment_ends:
-        return
-    pieces, last = [], 0
-    for end in layout.segment_ends:
-        pieces += [data[last:end], bytes(b % 0xFF for b in os.urandom(_JUNK_BYTES))]
-        last = end
-    pieces.append(data[last:])
-    with _open(b"".join(pieces), fmt) as probe:
-        probe.load()
-        if probe.mode != im.mode or ImageChops.difference(probe, im).getbbox() is not None:
-            raise UndecodableImage(
-                "the JPEG's scan data ends before its last blocks (truncated or corrupt): "
-                "decoding it would give grey blocks"
-            )
+    try:
+        colourspace = _JPEG_COLOURSPACES.get(simplejpeg.decode_jpeg_header(data)[2], "RGB")
+        simplejpeg.decode_jpeg(data, colorspace=colourspace, min_factor=8, strict=True)
+    except ValueError as exc:
+        raise UndecodableImage(
+            f"the JPEG's data is damaged (truncated or corrupt): libjpeg says {exc}"
+        ) from None
 
 
 def decode(data: bytes, content_type: str | None, *, max_pixels: int) -> DecodedImage:
@@ -617,12 +610,11 @@ def decode(data: bytes, content_type: str | None, *, max_pixels: int) -> Decoded
         elif fmt == "JPEG":
             layout = _jpeg_layout(data)
             _check_jpeg_scan_size(layout, im.size)
+            _check_jpeg_warnings(data)
         with _pillow_errors(fmt):
             planes = _read_wide_colour(im, data, fmt)
             if planes is None:
                 im.load()
-                if layout is not None:
-                    _check_jpeg_whole(im, data, layout, fmt)
                 planes = _read_planes(im)
             orientation = _exif_orientation(im)
         source_profile = im.info.get("icc_profile")
