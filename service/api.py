@@ -406,8 +406,7 @@ async def report_route(request: Request, engine: EngineDep, report: ReportDep) -
     """Table 6 of the paper, live, per model and scale: parameters, depth, forward time
     and request time per image, peak memory in MiB; with the device, the precision and
     what each figure measures."""
-    models = {m.name: (m.scale, m.parameters, m.depth) for m in engine.models.values()}
-    rows = report.rows(models)
+    rows = report.rows(m.descriptor for m in engine.models.values())
     device, precision = device_name(engine.device), describe_precision(engine)
     if "text/markdown" in request.headers.get("accept", ""):
         text = report_markdown(rows, device=device, precision=precision)
@@ -544,7 +543,7 @@ async def _superres(
         # the stream keeps the uint8 pixels, not `result` and its float output
         served_s, peak = composed - arrived, result.peak_memory_bytes
         forward_s = result.compute_seconds
-        row_scale = scale_key(engine.models[model].scale, scale)
+        row_scale = scale_key(engine.models[model].descriptor, scale)
         metrics.observe_image_forward(model, forward_s)
 
         def record(encode_s: float) -> None:  # the report's time excludes the client's reading

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from models.networks.descriptor import ModelDescriptor
 
 WINDOW = 10_000  # images kept per (model, scale) for the mean and quantiles
 MAX_SCALES = 64  # (model, scale) rows kept; IMDN_AS scales beyond are pooled as "other"
@@ -36,9 +38,9 @@ MEASURES: dict[str, str] = {
 }
 
 
-def scale_key(model_scale: int, scale: float) -> str:
+def scale_key(model: ModelDescriptor, scale: float) -> str:
     """A row's scale: a fixed model's own, or IMDN_AS's requested scale to 2 decimals."""
-    return str(model_scale) if model_scale > 1 else f"{round(scale, 2):g}"
+    return f"{round(scale, 2):g}" if model.any_scale else str(model.scale)
 
 
 @dataclass
@@ -101,25 +103,25 @@ class Report:
             stats.forward.append(forward_seconds)
             stats.peak_memory_bytes = max(stats.peak_memory_bytes, peak_memory_bytes)
 
-    def rows(self, models: Mapping[str, tuple[int, int, int]]) -> list[ReportRow]:
-        """Rows for `models` ({name: (network scale, parameters, depth)}), in that order,
-        one per scale served (one empty row for a model that served nothing yet)."""
+    def rows(self, models: Iterable[ModelDescriptor]) -> list[ReportRow]:
+        """Rows for `models`, in that order, one per scale served (one empty row, at the
+        scale the model serves, for a model that served nothing yet)."""
         rows = []
         with self._lock:
-            for name, (model_scale, parameters, depth) in models.items():
+            for d in models:
                 served = sorted(
-                    (key[1] for key in self._stats if key[0] == name),
+                    (key[1] for key in self._stats if key[0] == d.name),
                     key=lambda s: (s == "other", float(s) if s != "other" else 0.0),
                 )
-                for scale in served or [str(model_scale) if model_scale > 1 else "any"]:
-                    stats = self._stats.get((name, scale), _Stats())
+                for scale in served or [str(d.served_scale)]:
+                    stats = self._stats.get((d.name, scale), _Stats())
                     forward, request = _summary(stats.forward), _summary(stats.seconds)
                     rows.append(
                         ReportRow(
-                            name,
+                            d.name,
                             scale,
-                            parameters,
-                            depth,
+                            d.parameters,
+                            d.depth,
                             stats.requests,
                             *forward,
                             *request,

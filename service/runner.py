@@ -54,23 +54,6 @@ class LoadedModel:
     load_seconds: float = 0.0
     warmup_seconds: float = 0.0
 
-    # the facts the routes of service/api.py read, from the descriptor
-    @property
-    def name(self) -> str:
-        return self.descriptor.name
-
-    @property
-    def scale(self) -> int:
-        return self.descriptor.scale
-
-    @property
-    def parameters(self) -> int:
-        return self.descriptor.parameters
-
-    @property
-    def depth(self) -> int:
-        return self.descriptor.depth
-
 
 @dataclass(eq=False)
 class Job:

@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
+from models.networks.descriptor import ModelDescriptor
 from models.quality.evaluate import dataset_name, list_images, read_rgb
 from models.quality.matlab import imresize, modcrop
 from models.runtime.device import resolve_device
@@ -35,12 +36,15 @@ Image8 = npt.NDArray[np.uint8]
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """A row of Table 6: the model serving `scale`, its parameters and depth."""
+    """A row of Table 6: the model serving `scale`, its facts read from its descriptor."""
 
-    model: str
+    descriptor: ModelDescriptor
     scale: float
-    parameters: int
-    depth: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row as `imdn bench --json` lists it under "models"."""
+        d = self.descriptor
+        return {"model": d.name, "scale": self.scale, "parameters": d.parameters, "depth": d.depth}
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ class BenchResult:
     def as_dict(self) -> dict[str, Any]:
         return {
             "machine": self.machine,
-            "models": [asdict(m) for m in self.models],
+            "models": [m.as_dict() for m in self.models],
             "results": [asdict(c) for c in self.cells],
         }
 
@@ -77,9 +81,10 @@ class BenchResult:
         header += [f"{d}: peak MB / s per image" for d in datasets]
         rows = []
         for m in self.models:
-            row: list[object] = [m.model, f"×{m.scale:g}", m.parameters, m.depth]
+            facts = m.descriptor
+            row: list[object] = [facts.name, f"×{m.scale:g}", facts.parameters, facts.depth]
             for d in datasets:
-                c = cells.get((m.model, m.scale, d))
+                c = cells.get((facts.name, m.scale, d))
                 row.append(
                     None if c is None else f"{c.peak_memory_mb:.0f} / {c.seconds_per_image:.3f}"
                 )
@@ -156,9 +161,7 @@ async def run_bench(
         machine = describe(engine.device, engine.dtype)
         facts, cells = [], []
         for scale in scales:
-            model = engine.models[engine.model_name(scale)]
-            d = model.descriptor
-            facts.append(ModelFacts(d.name, scale, d.parameters, d.depth))
+            facts.append(ModelFacts(engine.models[engine.model_name(scale)].descriptor, scale))
             for name in names:
                 cells.append(await _bench_cell(engine, name, files[name], scale, progress))
     finally:
