@@ -121,7 +121,7 @@ def test_dishonest_images_are_400_before_any_engine_work(
     assert len(lying) < 1500  # the was 996 bytes
     cases = [
         ("JPEG declaring 4000x4000 over 48x48", lying, "too short for the 4000x4000"),
-        ("JPEG scan cut in half, EOI put back", truncated_jpeg(lr), "premature end of data segment"),
+        ("JPEG scan cut in half, EOI put back", truncated_jpeg(lr), "premature end of data"),
         ("PNG with a flipped IDAT byte", bad_crc_png(lr), "fails its CRC"),
         ("PNG declaring twice its rows", short_png(lr), "ends early"),
     ]
