@@ -160,7 +160,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
 async def _upscale_files(settings: object, files: list[Path], scale: float, out: Path) -> int:
     from service import imaging
-    from service.engine import Engine
+    from service.engine import Engine, EngineError
     from service.settings import Settings
 
     assert isinstance(settings, Settings)
@@ -183,10 +183,15 @@ async def _upscale_files(settings: object, files: list[Path], scale: float, out:
                         image,
                         icc_profile=decoded.icc_profile,
                         compress_level=settings.png_compress_level,
+                        threads=settings.encode_threads,
                     )
                 )
             except imaging.ImageError as exc:
                 tqdm.write(f"{path}: skipped: {exc.detail}", file=sys.stderr)
+                failures += 1
+                continue
+            except EngineError as exc:  # too costly for the deadline, out of memory, ...
+                tqdm.write(f"{path}: skipped: {exc}", file=sys.stderr)
                 failures += 1
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -141,3 +141,24 @@ def test_upscale_arbitrary_scale_uses_imdn_as(
         y = authors_forward(official_model("AS"), x)
     expected = (y[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     assert np.abs(sr.astype(int) - expected).max() <= 1
+
+
+def test_upscale_goes_on_past_a_file_the_engine_refuses(
+    weights_dir: Path,
+    datasets_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A queue of one crop, IMDN_AS: 40x48 at x2.5 is 100x120 and runs whole, 38x46 is
+    95x115 and needs the paper's four ACS crops: refused (too costly for this server). It
+    is named, the rest is done, and the exit code says something failed."""
+    monkeypatch.setenv("IMDN_MAX_QUEUE_CROPS", "1")
+    aligned, unaligned = _crops(datasets_dir, tmp_path / "in", [(40, 48), (38, 46)])
+    out = tmp_path / "out"
+    args = ["upscale", str(tmp_path / "in"), "--scale", "2.5", "-o", str(out)]
+    assert main([*args, "--weights-dir", str(weights_dir)]) == 1
+
+    assert sorted(p.name for p in out.iterdir()) == [f"{aligned.stem}_x2.5.png"]
+    err = capsys.readouterr().err
+    assert f"{unaligned}: skipped: the image needs 4 crops" in err
