@@ -43,7 +43,8 @@ RUN pip install --no-cache-dir \
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
-RUN python3 -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(deps))" > /tmp/requirements.txt \
+# the dependencies and the `gpu` extra (NVML, for the utilisation gauge)
+RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['gpu']))" > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt \
     && python3 -c "import torch; assert torch.version.cuda, 'torch lost its CUDA build'"
 

@@ -109,6 +109,29 @@ def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
+def test_dockerfile_installs_every_dependency_and_the_gpu_extra(tmp_path: Path) -> None:
+    """The image's requirements come from pyproject.toml by the Dockerfile's own one-liner,
+    run here on the real file: every dependency, and NVML for the utilisation gauge."""
+    snippet = re.search(
+        r'RUN python3 -c "(import tomllib;[^"]+)" > /tmp/requirements.txt', DOCKERFILE.read_text()
+    )
+    assert snippet, "the Dockerfile no longer derives its requirements from pyproject.toml"
+    (tmp_path / "pyproject.toml").write_bytes((REPO / "pyproject.toml").read_bytes())
+    listed = subprocess.run(
+        [sys.executable, "-c", snippet[1]],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.splitlines()
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert listed == project["dependencies"] + project["optional-dependencies"]["gpu"]
+    assert any(dep.startswith("nvidia-ml-py") for dep in listed)
+
+
 def test_dockerfile_builds_a_pinned_non_root_single_worker_gpu_image() -> None:
     text = DOCKERFILE.read_text()
     base = re.search(r"^ARG CUDA_IMAGE=(\S+)$", text, re.M)
