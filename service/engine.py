@@ -222,7 +222,7 @@ class Engine:
         to its stride of 4)."""
         m = model.descriptor.size_multiple
         if min(height, width) < m or (self.planner.buckets and (height % m or width % m)):
-            return -(-height // m) * m, -(-width // m) * m
+            return acs.round_up(height, m), acs.round_up(width, m)
         return height, width
 
     def _plan_for(self, model: LoadedModel, height: int, width: int) -> Plan:
@@ -240,9 +240,8 @@ class Engine:
         """Upload, normalise, resize (IMDN_AS) and cut into padded crops on the device, as
         `plan` says; and the request's integer canvas with the `paste` that fills it."""
         x = pixels.to_unit(image, self.device)
-        if (
-            model.descriptor.any_scale
-        ):  # IMDN_AS restores a bicubic-upscaled image of the target size
+        # IMDN_AS restores a bicubic-upscaled image of the target size
+        if model.descriptor.any_scale:
             x = imresize_tensor(x, size=target).clamp_(0, 1)
         h, w = x.shape[-2:]
         if (plan.crops.height, plan.crops.width) != (h, w):

@@ -94,7 +94,8 @@ def _round_down(value: int, multiple: int) -> int:
     return value - value % multiple
 
 
-def _round_up(value: int, multiple: int) -> int:
+def round_up(value: int, multiple: int) -> int:
+    """`value` rounded up to a multiple of `multiple`."""
     return -(-value // multiple) * multiple
 
 
@@ -158,7 +159,7 @@ def _acs_side(size: int, padding: int, multiple: int) -> int:
             "pad the image first (pad_to_multiple)"
         )
     side = _round_down(size // 2 + padding, multiple)
-    side = max(side, _round_up(size - size // 2, multiple))
+    side = max(side, round_up(size - size // 2, multiple))
     return min(side, _round_down(size, multiple))
 
 
@@ -219,7 +220,7 @@ class _AxisRule:
             return self.size
         slop = self.multiple if count > 2 and self.multiple > 1 else 0
         need = -(-(self.size + (2 * self.padding + slop) * (count - 1)) // count)
-        return min(_round_up(need, self.multiple), self.largest)
+        return min(round_up(need, self.multiple), self.largest)
 
     def fewest(self, limit: int) -> tuple[int, int] | None:
         """The smallest count whose crop side is <= `limit`, with that side; None if none."""
@@ -241,7 +242,7 @@ class _AxisRule:
 
     def stable(self, side: int, granularity: int) -> int:
         """`side` rounded up to `granularity` (and `multiple`), if that still fits the image."""
-        rounded = _round_up(side, math.lcm(self.multiple, granularity))
+        rounded = round_up(side, math.lcm(self.multiple, granularity))
         return rounded if rounded <= self.largest else side
 
     def spans(self, count: int, side: int) -> tuple[_Span, ...]:
@@ -358,7 +359,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
     Returns the padded tensor and the original (H, W), to crop the output back.
     """
     h, w = x.shape[-2:]
-    return _pad_to(x, _round_up(h, multiple), _round_up(w, multiple)), (h, w)
+    return _pad_to(x, round_up(h, multiple), round_up(w, multiple)), (h, w)
 
 
 def _pad_to(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
