@@ -45,6 +45,7 @@ from service.logs import REQUEST_ID_HEADER, current_request_id
 from service.machine import device_name
 from service.metrics import UNROUTED, Metrics
 from service.negotiation import MEDIA_TYPES, NotAcceptable, choose_format
+from service.planner import ANY_SCALE
 from service.report import MEASURES, Report, report_markdown, scale_key
 from service.settings import Settings
 
@@ -309,7 +310,7 @@ def served_scales(max_scale: float, models: Collection[str]) -> dict[str, Any]:
     """JSON Schema of the scales a server with `models` answers: (1, max_scale] with IMDN_AS,
     less the integer scales whose fixed network is not loaded; without IMDN_AS only those."""
     fixed = {scale: name for scale, name in FIXED_SCALES.items() if scale <= max_scale}
-    if "AS" not in models:
+    if ANY_SCALE not in models:
         return {"enum": [scale for scale, name in fixed.items() if name in models]}
     unserved = [scale for scale, name in fixed.items() if name not in models]
     schema: dict[str, Any] = {"exclusiveMinimum": 1, "maximum": max_scale}

@@ -22,7 +22,7 @@ from fastapi.openapi.docs import (
 )
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
-from service.engine import FIXED_SCALES
+from service.planner import ANY_SCALE, FIXED_SCALES
 from service.settings import Settings
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -78,7 +78,7 @@ def page_config(settings: Settings) -> dict[str, Any]:
     return {
         "models": list(settings.models),
         "fixed_scales": [s for s in fixed if s <= settings.max_scale],
-        "any_scale": "AS" in settings.models,
+        "any_scale": ANY_SCALE in settings.models,
         "max_scale": settings.max_scale,
         "max_upload_bytes": settings.max_upload_bytes,
         "api_key_required": bool(settings.api_keys),
