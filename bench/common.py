@@ -166,6 +166,15 @@ class HttpLoad:
     seconds: float
     latencies: list[float]
     first_bytes: list[float]  # time to the first byte of each answer
+    server_timings: list[dict[str, float]]  # each answer's Server-Timing, in ms by phase
+
+    def median_phases(self) -> dict[str, float]:
+        """The median of each Server-Timing phase over the answers, in ms."""
+        phases = {name for timing in self.server_timings for name in timing}
+        return {
+            name: statistics.median(t.get(name, 0.0) for t in self.server_timings)
+            for name in sorted(phases)
+        }
 
     @property
     def images_per_second(self) -> float:
@@ -189,6 +198,7 @@ def http_load(
     lock = threading.Lock()
     latencies: list[float] = []
     first_bytes: list[float] = []
+    server_timings: list[dict[str, float]] = []
     errors: list[str] = []
     headers = {"Content-Type": content_type} if content_type else {}
 
@@ -214,6 +224,7 @@ def http_load(
                 with lock:
                     latencies.append(elapsed)
                     first_bytes.append(ttfb)
+                    server_timings.append(server_timing(r.headers.get("server-timing", "")))
                     if r.status_code != 200 or not check(data):
                         errors.append(f"{r.status_code} {data[:200]!r}")
 
@@ -226,4 +237,16 @@ def http_load(
     seconds = time.perf_counter() - started
     if errors:
         raise SystemExit(f"{len(errors)} requests failed, e.g. {errors[0]}")
-    return HttpLoad(clients, seconds, latencies, first_bytes)
+    return HttpLoad(clients, seconds, latencies, first_bytes, server_timings)
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """`decode;dur=1.2, queue;dur=0.3` as {"decode": 1.2, "queue": 0.3}."""
+    phases = {}
+    for entry in header.split(","):
+        name, _, params = entry.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "dur" and name:
+                phases[name] = float(value)
+    return phases

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The project's GPU check in one run, for a CUDA machine lent for a few minutes: the
-# `gpu`-marked tests, then the GPU targets of issue 12 side by side (bench/gpu_targets.py).
+# The project's GPU check in one run, for a CUDA machine lent for a few minutes: the issue's
+# targets (bench/gpu_targets.py), the `gpu`-marked tests, the compiled forwards, then the
+# whole suite on the CUDA host. Each step has its own time limit; the most wanted come first.
 #
 # The machine has PyTorch but not the service's other wheels, and none of ../shared.
 # Prepare once, here, from the project root (.gpu/ is ignored by git; it travels with
@@ -10,28 +11,48 @@
 #     && cp -r ../shared/datasets/Set5 ../shared/datasets/Set14 .gpu/datasets/
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-#     --platform manylinux2014_x86_64 -d .gpu/extra isal simplejpeg fastapi-offline httpx \
-#     httpcore h11 certifi idna sniffio tqdm pyyaml
-# Then, on the device: `bash bench/gpu_check.sh` (about 6 minutes; outputs in $OUT or
-# /tmp/gpu_out). Try it here first: on the CPU the tests skip and --quick runs.
+#     --platform manylinux2014_x86_64 -d .gpu/extra isal simplejpeg fastapi-offline==1.7.7
+# Then, on the device: `bash bench/gpu_check.sh` (under 10 minutes; logs in $OUT or
+# /tmp/gpu_out). Try it here first with GPU_CHECK_NO_INSTALL=1 and a python3 that has the
+# project's packages: on the CPU the gpu tests skip and the targets run --quick.
 set -u
 O=${OUT:-/tmp/gpu_out}
 mkdir -p "$O"
 ROOT=$PWD
 S=$ROOT/.gpu
-if [ -d "$S/gpu/wheels" ]; then
+export PYTHONUNBUFFERED=1 IMDN_SHARED_DIR=${IMDN_SHARED_DIR:-$S} PYTHONPATH=$ROOT
+if [ -z "${GPU_CHECK_NO_INSTALL:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "$S"/gpu/wheels/*.whl "$S"/extra/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$ROOT
 fi
-export PYTHONUNBUFFERED=1 IMDN_SHARED_DIR=${IMDN_SHARED_DIR:-$S}
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $O/NAME.txt, say how it ended
+  local name=$1 limit=$2 started=$SECONDS
+  shift 2
+  echo "=== $name (limit ${limit}s)"
+  timeout "$limit" "$@" >"$O/$name.txt" 2>&1
+  echo "=== $name: exit $? after $((SECONDS - started))s" | tee -a "$O/$name.txt"
+}
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
-  torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")' | tee "$O/device.txt"
+  torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
 quick=()
 python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || quick=(--quick)
-# the gpu tests (fp16 and compiled PSNR within 0.02 dB of fp32, modes, tiles): ~3 min
-timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$O/gpu_tests.txt"
-# the issue's targets, eager then compiled (the compile takes minutes the first time)
-timeout 150 python3 -m bench.gpu_targets "${quick[@]}" --json 2>&1 | tee "$O/targets.txt"
-timeout 200 python3 -m bench.gpu_targets "${quick[@]}" --compile --skip-http 2>&1 \
-  | tee "$O/targets_compiled.txt"
+# the issue's targets with the CUDA defaults (fp16, eager, shape buckets), HTTP included
+step targets 150 python3 -m bench.gpu_targets "${quick[@]}"
+tail -n 22 "$O/targets.txt"
+# fp16 Set5 PSNR within 0.02 dB of fp32, modes, tiles; then the compiled case (4 graphs)
+step gpu_tests 60 python3 -m pytest -q -p no:cacheprovider -o addopts= -k "not compile" \
+  tests/test_gpu.py
+tail -n 3 "$O/gpu_tests.txt"
+step gpu_compile_test 100 python3 -m pytest -q -p no:cacheprovider -o addopts= -k compile \
+  tests/test_gpu.py
+tail -n 3 "$O/gpu_compile_test.txt"
+# the frame's forward compiled (max-autotune compiles take a minute or two each)
+step compiled 160 python3 -m bench.gpu_targets "${quick[@]}" --forward-only \
+  --compile max-autotune-no-cudagraphs max-autotune
+tail -n 4 "$O/compiled.txt"
+# the whole suite on the CUDA host (modules whose dev-only imports are missing don't collect)
+step suite 110 python3 -m pytest -v -p no:cacheprovider -o addopts= -n 8 --timeout 100 \
+  --continue-on-collection-errors -m "not slow and not gpu" tests
+grep -E " (FAILED|ERROR) |^ERROR|passed|failed" "$O/suite.txt" | tail -n 30

@@ -4,7 +4,7 @@
     python -m bench.gpu_targets --quick      # anywhere: small inputs, a smoke run
 
 Prints, against each target: (1) the x2 forward of a 1920x1080 frame on the device,
-eager and (with --compile) compiled; (2) `Engine.upscale` on Set14 at x4 the first time
+eager and (with --compile MODE...) compiled; (2) `Engine.upscale` on Set14 at x4 the first time
 each size is seen and again; (3) HTTP throughput on Set14 photos at x3 with 8 and 32
 clients, against the in-process engine on the same images (compose and PNG encoding
 included on both sides); (4) a 1920x1080 JPEG at x2 to a 4K PNG over HTTP, one at a time
@@ -26,14 +26,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import hr_images, http_load, machine, percentile, synchronizer
+from bench.common import HttpLoad, hr_images, http_load, machine, percentile, synchronizer
 from models.networks.checkpoints import load_official
-from models.runtime.backend import prepare
+from models.runtime.backend import CompileMode, prepare
 from models.runtime.device import precision_dtype, resolve_device
 from service import imaging
 from service.child import imdn_serve
@@ -97,15 +98,18 @@ def encoded(rgb: np.ndarray, fmt: str) -> bytes:
 # (1) the forward
 
 
-def forward_rows(sizes: Sizes, settings: Settings, compiled: bool) -> list[Row]:
+def forward_rows(sizes: Sizes, settings: Settings, compile_modes: list[CompileMode]) -> list[Row]:
+    """The x2 frame's forward, eager and then compiled in each of `compile_modes`."""
     device = resolve_device(settings.device)
     dtype = precision_dtype(settings.precision, device, prefer_bf16=False)
     sync = synchronizer(device)
     x = torch.from_numpy(frame(sizes)).permute(2, 0, 1).unsqueeze(0).to(device, dtype) / 255
     rows = []
-    for backend in ("eager", "compile") if compiled else ("eager",):
+    variants: list[tuple[str, CompileMode]] = [("eager", "default")]
+    variants += [("compile", mode) for mode in compile_modes]
+    for backend, mode in variants:
         network = load_official("x2", WEIGHTS)
-        forward = prepare(network, backend, device, dtype, in_place=True)
+        forward = prepare(network, backend, device, dtype, in_place=True, compile_mode=mode)
         started = time.perf_counter()
         forward(x)
         sync()
@@ -119,7 +123,8 @@ def forward_rows(sizes: Sizes, settings: Settings, compiled: bool) -> list[Row]:
         ms = 1000 * min(times)
         rows.append(
             Row(
-                f"x2 {sizes.frame[1]}x{sizes.frame[0]} forward, {backend} "
+                f"x2 {sizes.frame[1]}x{sizes.frame[0]} forward, "
+                f"{backend if backend == 'eager' else mode} "
                 f"(first call {prepared:.1f}s)",
                 1000 / ms,
                 "frames/s",
@@ -216,12 +221,9 @@ def server(models: list[str]) -> Iterator[str]:
         yield served.url
 
 
-def load(
-    url: str, bodies: list[bytes], scale: int, clients: int, total: int
-) -> tuple[float, list[float]]:
-    """Requests per second and latencies: `total` requests, `clients` at a time."""
-    done = http_load(url, bodies, scale=scale, clients=clients, total=total)
-    return done.images_per_second, done.latencies
+def load(url: str, bodies: list[bytes], scale: int, clients: int, total: int) -> HttpLoad:
+    """`total` requests, `clients` at a time."""
+    return http_load(url, bodies, scale=scale, clients=clients, total=total)
 
 
 def http_rows(sizes: Sizes, in_process: float) -> list[Row]:
@@ -230,13 +232,17 @@ def http_rows(sizes: Sizes, in_process: float) -> list[Row]:
     low, high = sizes.clients
     with server(["x2", "x3"]) as url:
         load(url, bodies, 3, 1, len(bodies))  # warm the whole path
-        rps_low, _ = load(url, bodies, 3, low, 2 * max(len(bodies), low))
-        rps_high, _ = load(url, bodies, 3, high, 2 * max(len(bodies), high))
+        rps_low = load(url, bodies, 3, low, 2 * max(len(bodies), low)).images_per_second
+        rps_high = load(url, bodies, 3, high, 2 * max(len(bodies), high)).images_per_second
         load(url, [big], 2, 1, 1)
-        _, one_at_a_time = load(url, [big], 2, 1, sizes.repeats)
-        rps_big, _ = load(url, [big], 2, sizes.big_clients, 2 * sizes.big_clients)
+        one_at_a_time = load(url, [big], 2, 1, sizes.repeats)
+        many = load(url, [big], 2, sizes.big_clients, 2 * sizes.big_clients)
+        rps_big = many.images_per_second
     h, w = sizes.frame
-    median_ms = 1000 * percentile(one_at_a_time, 50)
+    median_ms = 1000 * percentile(one_at_a_time.latencies, 50)
+    for name, run in (("one at a time", one_at_a_time), (f"{sizes.big_clients} clients", many)):
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in run.median_phases().items())
+        print(f"  {w}x{h} x2, {name}: median Server-Timing ms: {phases}")
     return [
         Row(f"HTTP {sizes.dataset} x3, {low} clients", rps_low, "requests/s", "", None),
         Row(
@@ -271,10 +277,25 @@ def http_rows(sizes: Sizes, in_process: float) -> list[Row]:
     ]
 
 
+def shown(rows: list[Row]) -> list[Row]:
+    """Print each row as its part ends, so a run cut short keeps what it measured."""
+    for row in rows:
+        print(row.line())
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small inputs: a smoke run anywhere")
-    parser.add_argument("--compile", action="store_true", help="also time the compiled forward")
+    parser.add_argument(
+        "--compile",
+        nargs="+",
+        default=[],
+        choices=get_args(CompileMode),
+        metavar="MODE",
+        help="also time the frame's forward compiled in these torch.compile modes",
+    )
+    parser.add_argument("--forward-only", action="store_true", help="the frame's forward alone")
     parser.add_argument("--skip-http", action="store_true", help="in-process figures only")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -289,14 +310,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
         f"shape buckets {'on' if settings.buckets_on(device) else 'off'}"
         + (" (quick: small inputs, not a measurement)" if args.quick else "")
     )
-    rows = forward_rows(sizes, settings, args.compile)
-    engine, in_process = asyncio.run(engine_rows(sizes, settings))
-    rows += engine
-    if not args.skip_http:
-        rows += http_rows(sizes, in_process)
     print(f"{'what':<58} {'figure':>10} {'unit':<10} {'target':<22}")
-    for row in rows:
-        print(row.line())
+    rows = shown(forward_rows(sizes, settings, args.compile))
+    if not args.forward_only:
+        engine, in_process = asyncio.run(engine_rows(sizes, settings))
+        rows += shown(engine)
+        if not args.skip_http:
+            rows += shown(http_rows(sizes, in_process))
     if args.json:
         print(json.dumps([row.__dict__ for row in rows], indent=2))
     return rows
