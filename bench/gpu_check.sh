@@ -11,7 +11,7 @@
 #     && cp -r ../shared/datasets/Set5 ../shared/datasets/Set14 .gpu/datasets/
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-#     --platform manylinux2014_x86_64 -d .gpu/extra isal simplejpeg fastapi-offline==1.7.7
+#     --platform manylinux2014_x86_64 -d .gpu/extra isal simplejpeg fastapi-offline==1.7.7 py-spy
 # Then, on the device: `bash bench/gpu_check.sh` (under 10 minutes; logs in $OUT or
 # /tmp/gpu_out). Try it here first with GPU_CHECK_NO_INSTALL=1 and a python3 that has the
 # project's packages: on the CPU the gpu tests skip and the targets run --quick.
@@ -24,7 +24,7 @@ export PYTHONUNBUFFERED=1 IMDN_SHARED_DIR=${IMDN_SHARED_DIR:-$S} PYTHONPATH=$ROO
 if [ -z "${GPU_CHECK_NO_INSTALL:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "$S"/gpu/wheels/*.whl "$S"/extra/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$ROOT
+  export PYTHONPATH=/tmp/site:$ROOT PATH=/tmp/site/bin:$PATH  # py-spy's binary too
 fi
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $O/NAME.txt, say how it ended
   local name=$1 limit=$2 started=$SECONDS
@@ -38,21 +38,29 @@ python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.i
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
 quick=()
 python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || quick=(--quick)
-# the issue's targets with the CUDA defaults (fp16, eager, shape buckets), HTTP included
-step targets 150 python3 -m bench.gpu_targets "${quick[@]}"
-tail -n 22 "$O/targets.txt"
-# fp16 Set5 PSNR within 0.02 dB of fp32, modes, tiles; then the compiled case (4 graphs)
-step gpu_tests 60 python3 -m pytest -q -p no:cacheprovider -o addopts= -k "not compile" \
-  tests/test_gpu.py
-tail -n 3 "$O/gpu_tests.txt"
-step gpu_compile_test 100 python3 -m pytest -q -p no:cacheprovider -o addopts= -k compile \
-  tests/test_gpu.py
-tail -n 3 "$O/gpu_compile_test.txt"
-# the frame's forward compiled (max-autotune compiles take a minute or two each)
-step compiled 160 python3 -m bench.gpu_targets "${quick[@]}" --forward-only \
-  --compile max-autotune-no-cudagraphs max-autotune
-tail -n 4 "$O/compiled.txt"
-# the whole suite on the CUDA host (modules whose dev-only imports are missing don't collect)
-step suite 110 python3 -m pytest -v -p no:cacheprovider -o addopts= -n 8 --timeout 100 \
-  --continue-on-collection-errors -m "not slow and not gpu" tests
-grep -E " (FAILED|ERROR) |^ERROR|passed|failed" "$O/suite.txt" | tail -n 30
+steps=("$@")
+[ $# -gt 0 ] || steps=(gpu_tests targets gpu_compile_test compiled suite)
+for s in "${steps[@]}"; do
+  case $s in
+  gpu_tests)  # fp16 Set5 PSNR within 0.02 dB of fp32, modes, tiles (eager)
+    step gpu_tests 50 python3 -m pytest -q -p no:cacheprovider -o addopts= -k "not compile" \
+      tests/test_gpu.py
+    tail -n 3 "$O/gpu_tests.txt" ;;
+  targets)  # the issue's targets with the CUDA defaults (fp16, eager, buckets), py-spy'd
+    step targets 100 python3 -m bench.gpu_targets "${quick[@]}" --profile "$O/profile"
+    tail -n 27 "$O/targets.txt" ;;
+  gpu_compile_test)  # the compiled backend through the engine: 12 graphs, mode default
+    step gpu_compile_test 110 python3 -m pytest -q -p no:cacheprovider -o addopts= \
+      -k compile tests/test_gpu.py
+    grep -E "compiled|passed|failed|Error" "$O/gpu_compile_test.txt" | tail -n 8 ;;
+  compiled)  # the frame's forward compiled with inductor's freezing
+    step compiled 90 python3 -m bench.gpu_targets "${quick[@]}" --forward-only --freezing \
+      --compile max-autotune-no-cudagraphs max-autotune
+    tail -n 4 "$O/compiled.txt" ;;
+  suite)  # the whole suite on the CUDA host (modules needing dev-only packages don't collect)
+    step suite 170 python3 -m pytest -v -p no:cacheprovider -o addopts= -n 12 --timeout 100 \
+      --continue-on-collection-errors -m "not slow and not gpu" tests
+    grep -E " (FAILED|ERROR) |^ERROR|passed|failed" "$O/suite.txt" | tail -n 30 ;;
+  *) echo "unknown step $s"; exit 2 ;;
+  esac
+done

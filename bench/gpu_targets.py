@@ -22,10 +22,13 @@ import io
 import json
 import os
 import statistics
+import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import get_args
 
 import numpy as np
@@ -37,7 +40,7 @@ from models.networks.checkpoints import load_official
 from models.runtime.backend import CompileMode, prepare
 from models.runtime.device import precision_dtype, resolve_device
 from service import imaging
-from service.child import imdn_serve
+from service.child import Served, imdn_serve
 from service.engine import Engine
 from service.settings import Settings
 from service.shared import DATASETS, WEIGHTS
@@ -208,7 +211,7 @@ def _decoded(lr: np.ndarray) -> imaging.DecodedImage:
 
 
 @contextmanager
-def server(models: list[str]) -> Iterator[str]:
+def server(models: list[str]) -> Iterator[Served]:
     """`imdn serve` on a free loopback port with the environment's settings."""
     settings = {
         "IMDN_MODELS": json.dumps(models),
@@ -218,7 +221,7 @@ def server(models: list[str]) -> Iterator[str]:
         "IMDN_MAX_QUEUE_CROPS": "4096",
     }
     with imdn_serve(settings, start_timeout=1800, inherit=True) as served:
-        yield served.url
+        yield served
 
 
 def load(url: str, bodies: list[bytes], scale: int, clients: int, total: int) -> HttpLoad:
@@ -226,23 +229,65 @@ def load(url: str, bodies: list[bytes], scale: int, clients: int, total: int) ->
     return http_load(url, bodies, scale=scale, clients=clients, total=total)
 
 
-def http_rows(sizes: Sizes, in_process: float) -> list[Row]:
+def phase_line(run: HttpLoad) -> str:
+    phases = ", ".join(f"{k} {v:.1f}" for k, v in run.median_phases().items())
+    return (
+        f"median latency {1000 * percentile(run.latencies, 50):.1f} ms; Server-Timing ms: {phases}"
+    )
+
+
+def profiled(served: Served, folder: Path, work: Callable[[], object]) -> None:
+    """py-spy samples of the server while `work` loads it: every busy thread, then only
+    the thread holding the GIL (raw collapsed stacks; flamegraph.pl or speedscope read them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    loader = threading.Thread(target=work)
+    loader.start()
+    time.sleep(1)
+    for name, extra in (("threads", ["--threads"]), ("gil", ["--gil"])):
+        subprocess.run(
+            [
+                "py-spy",
+                "record",
+                "--pid",
+                str(served.process.pid),
+                "--duration",
+                "5",
+                "--rate",
+                "250",
+                "--format",
+                "raw",
+                "--nonblocking",
+                "-o",
+                str(folder / f"pyspy_{name}.txt"),
+                *extra,
+            ],
+            check=False,
+            capture_output=True,
+        )
+    loader.join()
+
+
+def http_rows(sizes: Sizes, in_process: float, profile: Path | None) -> list[Row]:
     bodies = [encoded(lr, "PNG") for lr in photos(sizes, 3)]
     big = encoded(frame(sizes), "JPEG")
     low, high = sizes.clients
-    with server(["x2", "x3"]) as url:
+    with server(["x2", "x3"]) as served:
+        url = served.url
         load(url, bodies, 3, 1, len(bodies))  # warm the whole path
-        rps_low = load(url, bodies, 3, low, 2 * max(len(bodies), low)).images_per_second
-        rps_high = load(url, bodies, 3, high, 2 * max(len(bodies), high)).images_per_second
+        small = {n: load(url, bodies, 3, n, 2 * max(len(bodies), n)) for n in (low, high)}
+        rps_low, rps_high = (small[n].images_per_second for n in (low, high))
+        if profile is not None:
+            profiled(served, profile, lambda: load(url, bodies, 3, high, 20 * high))
         load(url, [big], 2, 1, 1)
         one_at_a_time = load(url, [big], 2, 1, sizes.repeats)
         many = load(url, [big], 2, sizes.big_clients, 2 * sizes.big_clients)
         rps_big = many.images_per_second
+    for n, run in small.items():
+        print(f"  {sizes.dataset} x3, {n} clients: {phase_line(run)}")
     h, w = sizes.frame
     median_ms = 1000 * percentile(one_at_a_time.latencies, 50)
     for name, run in (("one at a time", one_at_a_time), (f"{sizes.big_clients} clients", many)):
-        phases = ", ".join(f"{k} {v:.1f}" for k, v in run.median_phases().items())
-        print(f"  {w}x{h} x2, {name}: median Server-Timing ms: {phases}")
+        print(f"  {w}x{h} x2, {name}: {phase_line(run)}")
     return [
         Row(f"HTTP {sizes.dataset} x3, {low} clients", rps_low, "requests/s", "", None),
         Row(
@@ -295,8 +340,16 @@ def main(argv: list[str] | None = None) -> list[Row]:
         metavar="MODE",
         help="also time the frame's forward compiled in these torch.compile modes",
     )
+    parser.add_argument(
+        "--freezing",
+        action="store_true",
+        help="compile with inductor's freezing (weights as constants, layouts chosen freely)",
+    )
     parser.add_argument("--forward-only", action="store_true", help="the frame's forward alone")
     parser.add_argument("--skip-http", action="store_true", help="in-process figures only")
+    parser.add_argument(
+        "--profile", type=Path, metavar="DIR", help="py-spy samples of the server under load"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
@@ -310,13 +363,18 @@ def main(argv: list[str] | None = None) -> list[Row]:
         f"shape buckets {'on' if settings.buckets_on(device) else 'off'}"
         + (" (quick: small inputs, not a measurement)" if args.quick else "")
     )
+    if args.freezing:
+        import torch._inductor.config as inductor
+
+        inductor.freezing = True
+        print("inductor freezing on")
     print(f"{'what':<58} {'figure':>10} {'unit':<10} {'target':<22}")
     rows = shown(forward_rows(sizes, settings, args.compile))
     if not args.forward_only:
         engine, in_process = asyncio.run(engine_rows(sizes, settings))
         rows += shown(engine)
         if not args.skip_http:
-            rows += shown(http_rows(sizes, in_process))
+            rows += shown(http_rows(sizes, in_process, args.profile))
     if args.json:
         print(json.dumps([row.__dict__ for row in rows], indent=2))
     return rows

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from models.networks.imdn import IMDN, IMDN_AS
-from models.networks.masked import masked_forward
+from models.networks.masked import _cca, masked_forward, valid_mask
 
 
 @pytest.mark.parametrize("network", [IMDN(scale=3), IMDN_AS()], ids=["IMDN x3", "IMDN_AS"])
@@ -38,3 +38,17 @@ def test_unpadded_input_is_the_plain_forward() -> None:
         torch.testing.assert_close(
             masked_forward(network, x, torch.tensor([[24, 16]] * 2)), network(x), atol=2e-5, rtol=0
         )
+
+
+def test_channel_attention_holds_in_half_precision() -> None:
+    """CCA's statistics over a valid region of more than 65504 pixels in fp16 (the CUDA
+    default): the pixel count and the sums pass fp16's largest value, the gate must not."""
+    torch.manual_seed(2)
+    cca = IMDN(scale=2).blocks[0].cca.eval()
+    x = torch.rand(2, 64, 264, 264) * 4
+    mask = valid_mask(torch.tensor([[260, 258], [264, 264]]), 264, 264, 1, torch.float32)
+    with torch.inference_mode():
+        full = _cca(cca, x, mask)
+        half = _cca(cca.half(), x.half(), mask.half())
+    assert torch.isfinite(half).all()
+    torch.testing.assert_close(half.float(), full, atol=2e-2, rtol=1e-2)

@@ -40,10 +40,16 @@ def valid_mask(
 
 
 def _cca(cca: ContrastChannelAttention, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    count = mask.sum(dim=(2, 3), keepdim=True).clamp_(min=1)
-    mean = (x * mask).sum(dim=(2, 3), keepdim=True) / count
-    std = (((x - mean) * mask).pow(2).sum(dim=(2, 3), keepdim=True) / count).sqrt()
-    gate = torch.sigmoid(cca.excite(F.relu(cca.squeeze(std + mean))))
+    """CCA with its mean and standard deviation over the valid region. The sums
+    accumulate and stay in float32: in half precision a 256x256 crop's pixel count alone
+    (65536) passes fp16's largest value (65504), and the gate turned to NaN."""
+    dims = (2, 3)
+    count = mask.sum(dim=dims, keepdim=True, dtype=torch.float32).clamp_(min=1)
+    mean = (x * mask).sum(dim=dims, keepdim=True, dtype=torch.float32) / count
+    centred = (x - mean.to(x.dtype)) * mask
+    variance = centred.pow(2).sum(dim=dims, keepdim=True, dtype=torch.float32) / count
+    stats = (variance.sqrt() + mean).to(x.dtype)
+    gate = torch.sigmoid(cca.excite(F.relu(cca.squeeze(stats))))
     return x * gate
 
 
