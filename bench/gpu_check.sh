@@ -11,8 +11,8 @@
 #     && cp -r ../shared/datasets/Set5 ../shared/datasets/Set14 .gpu/datasets/
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-#     --platform manylinux2014_x86_64 -d .gpu/extra isal simplejpeg fastapi-offline==1.7.7 py-spy
-# Then, on the device: `bash bench/gpu_check.sh` (under 10 minutes; logs in $OUT or
+#     --platform manylinux2014_x86_64 -d .gpu/extra isal simplejpeg fastapi-offline==1.7.7 py-spy httptools
+# (httptools: the HTTP parser uvicorn[standard] uses in the image). Then, on the device: `bash bench/gpu_check.sh` (under 10 minutes; logs in $OUT or
 # /tmp/gpu_out). Try it here first with GPU_CHECK_NO_INSTALL=1 and a python3 that has the
 # project's packages: on the CPU the gpu tests skip and the targets run --quick.
 set -u
@@ -43,12 +43,16 @@ steps=("$@")
 for s in "${steps[@]}"; do
   case $s in
   gpu_tests)  # fp16 Set5 PSNR within 0.02 dB of fp32, modes, tiles (eager)
-    step gpu_tests 50 python3 -m pytest -q -p no:cacheprovider -o addopts= -k "not compile" \
+    step gpu_tests 60 python3 -m pytest -q -p no:cacheprovider -o addopts= -k "not compile" \
       tests/test_gpu.py
     tail -n 3 "$O/gpu_tests.txt" ;;
   targets)  # the targets with the CUDA defaults (fp16, eager, buckets), py-spy'd
     step targets 100 python3 -m bench.gpu_targets "${quick[@]}" --profile "$O/profile"
     tail -n 27 "$O/targets.txt" ;;
+  targets_graphs)  # the same with the masked forward replayed as CUDA graphs
+    step targets_graphs 75 env IMDN_CUDA_GRAPHS=auto python3 -m bench.gpu_targets "${quick[@]}" \
+      --profile "$O/profile"
+    tail -n 27 "$O/targets_graphs.txt" ;;
   gpu_compile_test)  # the compiled backend through the engine: 12 graphs, mode default
     step gpu_compile_test 110 python3 -m pytest -q -p no:cacheprovider -o addopts= \
       -k compile tests/test_gpu.py
@@ -61,6 +65,13 @@ for s in "${steps[@]}"; do
     step suite 170 python3 -m pytest -v -p no:cacheprovider -o addopts= -n 12 --timeout 100 \
       --continue-on-collection-errors -m "not slow and not gpu" tests
     grep -E " (FAILED|ERROR) |^ERROR|passed|failed" "$O/suite.txt" | tail -n 30 ;;
+  suite_device)  # the suite's modules that touch the device, the engine or the server
+    step suite_device 100 python3 -m pytest -v -p no:cacheprovider -o addopts= -n 12 \
+      --timeout 100 -m "not slow and not gpu" tests/test_service.py tests/test_runner.py \
+      tests/test_reliability.py tests/test_backend.py tests/test_observability.py \
+      tests/test_metrics.py tests/test_bench.py tests/test_masked.py tests/test_evaluate.py \
+      tests/test_engine.py tests/test_cli.py
+    grep -E " (FAILED|ERROR) |^ERROR|passed|failed" "$O/suite_device.txt" | tail -n 30 ;;
   *) echo "unknown step $s"; exit 2 ;;
   esac
 done

@@ -360,7 +360,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     print(machine(device))
     print(
         f"device {device}, precision {settings.precision}, backend {settings.backend}, "
-        f"shape buckets {'on' if settings.buckets_on(device) else 'off'}"
+        f"shape buckets {'on' if settings.buckets_on(device) else 'off'}, "
+        f"CUDA graphs {'on' if settings.graphs_on(device) else 'off'}"
         + (" (quick: small inputs, not a measurement)" if args.quick else "")
     )
     if args.freezing:

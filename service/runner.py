@@ -29,6 +29,7 @@ from models.networks.descriptor import ModelDescriptor
 from models.runtime import acs
 from models.runtime.backend import Forward, MaskedForward, prepare, prepare_masked, resolve_backend
 from models.runtime.device import precision_dtype, resolve_device
+from models.runtime.graphs import GraphedForward
 from service.batcher import BatchOutcome, Key, Slice
 from service.errors import DeviceOutOfMemory
 from service.metrics import Metrics, peak_memory_bytes, reset_peak_memory
@@ -138,6 +139,8 @@ class DeviceRunner:
                 if backend == "compile"
                 else masked
             )
+            if self.settings.graphs_on(self.device):  # warm-up captures each shape
+                masked = GraphedForward(masked, self.device)
             forward = prepare(network, plain, self.device, self.dtype, in_place=True)
         else:
             forward = prepare(
@@ -189,6 +192,10 @@ class DeviceRunner:
             except DeviceOutOfMemory:  # requests will split such a batch: nothing to warm
                 log.warning("warm-up: a batch of %s does not fit the device; skipped", shape)
                 continue
+            if isinstance(model.masked, GraphedForward):
+                with torch.inference_mode():
+                    crops = torch.rand(shape, device=self.device, dtype=model.descriptor.dtype)
+                    model.masked.capture(crops, valid)
             model.warm_shapes.add(shape)
             prepared = time.perf_counter() - first
             started = time.perf_counter()

@@ -71,6 +71,12 @@ class Settings(BaseSettings):
         "cache, and a Mega-Cache file of torch.compiler.save_cache_artifacts); unset: "
         "inductor's default under /tmp",
     )
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        "off",
+        description="replay a CUDA graph of each warmed (shape, batch size) of the eager or "
+        "channels_last masked forward (models/runtime/graphs.py): one launch instead of a "
+        "few hundred per batch. 'auto': on with CUDA and shape buckets; needs both",
+    )
     shape_buckets: Literal["auto", "on", "off"] = Field(
         "auto",
         description="run every batch at one of a few fixed crop shapes and batch sizes, all "
@@ -241,6 +247,30 @@ class Settings(BaseSettings):
                 "shape_buckets 'on' or 'auto', not 'off'"
             )
         return self
+
+    @model_validator(mode="after")
+    def _graphs_need_buckets(self) -> Settings:
+        if self.cuda_graphs == "on" and (
+            self.shape_buckets == "off" or self.backend in ("onnxruntime", "openvino", "compile")
+        ):
+            raise ValueError(
+                "cuda_graphs 'on' captures the fixed shapes of shape buckets with the eager or "
+                "channels_last backend (compile modes 'reduce-overhead' and 'max-autotune' "
+                "capture their own)"
+            )
+        return self
+
+    def graphs_on(self, device: torch.device) -> bool:
+        """Whether the runner captures CUDA graphs on `device` (`auto`: CUDA, buckets on,
+        an eager or channels_last backend)."""
+        fits = (
+            device.type == "cuda"
+            and self.buckets_on(device)
+            and self.backend in ("auto", "eager", "channels_last")
+        )
+        if self.cuda_graphs == "on" and device.type != "cuda":
+            raise ValueError(f"cuda_graphs 'on' needs a CUDA device, not {device}")
+        return fits and self.cuda_graphs != "off"
 
     def buckets_on(self, device: torch.device) -> bool:
         """Whether shape buckets are on for `device` (`auto`: CUDA or the compile backend)."""

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from models.runtime.device import precision_dtype
+from models.runtime.graphs import GraphedForward
 from models.training.train import autocast_dtype
 from service.engine import Engine
 from service.runner import MEGACACHE_FILE
@@ -98,6 +99,23 @@ def test_compile_backend_warms_every_shape_and_keeps_its_cache(
 def test_compile_without_buckets_is_refused(weights_dir: Path) -> None:
     with pytest.raises(ValueError, match="needs shape_buckets"):
         Settings(weights_dir=weights_dir, backend="compile", shape_buckets="off")
+
+
+def test_cuda_graphs_need_cuda_buckets_and_a_plain_torch_backend(weights_dir: Path) -> None:
+    """CUDA graphs capture the fixed shapes of buckets: refused without them, with a
+    backend that captures its own (compile) or runs elsewhere; 'auto' is off on the CPU."""
+    for conflict in ({"shape_buckets": "off"}, {"backend": "compile"}):
+        with pytest.raises(ValueError, match="cuda_graphs 'on' captures"):
+            Settings(weights_dir=weights_dir, cuda_graphs="on", **conflict)  # type: ignore[arg-type]
+    cpu = torch.device("cpu")
+    auto = Settings(weights_dir=weights_dir, cuda_graphs="auto", shape_buckets="on")
+    assert not auto.graphs_on(cpu)
+    assert auto.graphs_on(torch.device("cuda"))  # what the runner asks on a CUDA host
+    assert not Settings(weights_dir=weights_dir, cuda_graphs="auto").graphs_on(cpu)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        Settings(weights_dir=weights_dir, cuda_graphs="on").graphs_on(cpu)
+    with pytest.raises(ValueError, match="need a CUDA device"):
+        GraphedForward(lambda crops, valid: crops, cpu)
 
 
 def test_precision_auto_is_float32_off_cuda_for_serving_and_training() -> None:
