@@ -8,11 +8,14 @@ the minimum (the least-disturbed run) and the median.
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import numpy as np
@@ -250,3 +253,46 @@ def server_timing(header: str) -> dict[str, float]:
             if key == "dur" and name:
                 phases[name] = float(value)
     return phases
+
+
+def http_load_spread(
+    url: str, bodies: Sequence[bytes], *, scale: float, clients: int, total: int, processes: int
+) -> HttpLoad:
+    """`http_load` with its clients spread over `processes` processes, so that the load
+    generator's own GIL (32 threads parsing large chunked bodies) does not become the
+    limit it measures. The processes start together at a barrier; the time is the
+    parent's, from the barrier until the last answer is in."""
+    processes = max(1, min(processes, clients))
+    if processes == 1:
+        return http_load(url, bodies, scale=scale, clients=clients, total=total)
+    context = multiprocessing.get_context("spawn")  # the parent may hold CUDA and threads
+    with context.Manager() as manager, ProcessPoolExecutor(processes, mp_context=context) as pool:
+        barrier = manager.Barrier(processes + 1)
+        shares = [
+            (
+                clients // processes + (i < clients % processes),
+                total // processes + (i < total % processes),
+            )
+            for i in range(processes)
+        ]
+        futures = [
+            pool.submit(_load_share, barrier, url, list(bodies), scale, c, t) for c, t in shares
+        ]
+        barrier.wait()
+        started = time.perf_counter()
+        loads = [f.result() for f in futures]
+        seconds = time.perf_counter() - started
+    return HttpLoad(
+        clients,
+        seconds,
+        [x for load in loads for x in load.latencies],
+        [x for load in loads for x in load.first_bytes],
+        [x for load in loads for x in load.server_timings],
+    )
+
+
+def _load_share(
+    barrier: Any, url: str, bodies: list[bytes], scale: float, clients: int, total: int
+) -> HttpLoad:
+    barrier.wait()
+    return http_load(url, bodies, scale=scale, clients=clients, total=total)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import HttpLoad, hr_images, http_load, machine, percentile, synchronizer
+from bench.common import HttpLoad, hr_images, http_load_spread, machine, percentile, synchronizer
 from models.networks.checkpoints import load_official
 from models.runtime.backend import CompileMode, prepare
 from models.runtime.device import precision_dtype, resolve_device
@@ -225,8 +225,11 @@ def server(models: list[str]) -> Iterator[Served]:
 
 
 def load(url: str, bodies: list[bytes], scale: int, clients: int, total: int) -> HttpLoad:
-    """`total` requests, `clients` at a time."""
-    return http_load(url, bodies, scale=scale, clients=clients, total=total)
+    """`total` requests, `clients` at a time, from one process per 8 clients (one Python
+    process parsing 32 clients' PNGs was the limit on an H200 host: docs/benchmarks.md)."""
+    return http_load_spread(
+        url, bodies, scale=scale, clients=clients, total=total, processes=-(-clients // 8)
+    )
 
 
 def phase_line(run: HttpLoad) -> str:

@@ -72,7 +72,7 @@ class Settings(BaseSettings):
         "inductor's default under /tmp",
     )
     cuda_graphs: Literal["auto", "on", "off"] = Field(
-        "off",
+        "auto",
         description="replay a CUDA graph of each warmed (shape, batch size) of the eager or "
         "channels_last masked forward (models/runtime/graphs.py): one launch instead of a "
         "few hundred per batch. 'auto': on with CUDA and shape buckets; needs both",

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from bench import gpu_targets, model_vs_machine
+from bench.common import http_load_spread
+from models.quality.evaluate import read_rgb
+from service.settings import Settings
+from tests.live import live_server
 
 
 def test_model_vs_machine_prints_a_row_per_backend_and_their_outputs_agree(
@@ -81,3 +87,22 @@ def test_gpu_targets_quick_run_prints_every_target(
     assert any("JPEG x2 -> PNG, one at a time" in w for w in whats)
     assert len(rows) == 10 and all(r.figure > 0 for r in rows), rows
     assert all(r.line() in out for r in rows)
+
+
+def test_the_load_generator_spreads_clients_over_processes(
+    weights_dir: Path, datasets_dir: Path
+) -> None:
+    """Clients and requests split over two processes that start together: every request
+    is answered once, each answer's latency and Server-Timing come back to the parent."""
+    lr = read_rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "birdx4.bmp")[:24, :20]
+    body = io.BytesIO()
+    Image.fromarray(lr).save(body, format="PNG")
+    settings = Settings(device="cpu", weights_dir=weights_dir, models=["x2"])
+    with live_server(settings) as srv:
+        load = http_load_spread(
+            srv.url, [body.getvalue()], scale=2, clients=3, total=7, processes=2
+        )
+    assert len(load.latencies) == len(load.first_bytes) == len(load.server_timings) == 7
+    assert all(0 < t <= load.seconds for t in load.latencies)
+    assert all("inference" in t for t in load.server_timings)
+    assert load.images_per_second == 7 / load.seconds
