@@ -343,6 +343,37 @@ def test_jpeg_scan_size_floor_never_refuses_a_real_file(mode: str) -> None:
         assert (decoded.height, decoded.width) == (600, 800)
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_jpeg_pixels_from_the_strict_decode_are_pillows(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Grey and colour JPEGs take their pixels from the strict check's own full decode
+    (one decode instead of two): the same pixels as Pillow's, for every subsampling,
+    progressive and optimised files alike."""
+    rng = np.random.default_rng(5)
+    base = np.kron(rng.integers(0, 256, (24, 31, 3), dtype=np.uint8), np.ones((5, 5, 1), np.uint8))
+    picture = Image.fromarray(
+        np.clip(base + rng.integers(0, 40, base.shape), 0, 255).astype(np.uint8)
+    )
+    picture = picture.convert(mode)
+    variants: list[dict[str, object]] = [
+        {},
+        {"progressive": True},
+        {"subsampling": 0},
+        {"subsampling": 1, "quality": 60},
+        {"optimize": True, "quality": 97},
+    ]
+    files = [_save(picture, "JPEG", **params) for params in variants]
+    pillow = [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in files]
+    loads: list[object] = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", loads.append)
+    for data, expected, params in zip(files, pillow, variants, strict=True):
+        decoded = decode(data, "image/jpeg", max_pixels=LIMIT)
+        assert decoded.grey == (mode == "L")
+        assert np.array_equal(decoded.pixels, expected), params
+    assert loads == []  # Pillow read the headers only
+
+
 def test_png_chunk_failing_its_crc_is_400() -> None:
     good = _png_by_hand(_rgb(16, 16), 2)
     idat = good.index(b"IDAT")

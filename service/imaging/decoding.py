@@ -564,22 +564,26 @@ def _check_jpeg_scan_size(layout: _JpegLayout, size: tuple[int, int]) -> None:
 _JPEG_COLOURSPACES = {"Gray": "GRAY", "CMYK": "CMYK", "YCCK": "CMYK"}
 
 
-def _check_jpeg_warnings(data: bytes) -> None:
-    """Refuse a JPEG whose decoding makes libjpeg warn: a scan cut short (libjpeg fills the
-    missing blocks grey), corrupt entropy-coded data, bytes where a marker should be.
+def _strict_jpeg(data: bytes, *, min_factor: int = 1) -> np.ndarray:
+    """The JPEG decoded by simplejpeg (libjpeg-turbo) in strict mode, which raises libjpeg's
+    warnings that Pillow drops: a scan cut short (libjpeg fills the missing blocks grey),
+    corrupt entropy-coded data, bytes where a marker should be. Refused as damaged.
 
-    Pillow drops libjpeg's warnings; simplejpeg (libjpeg-turbo) in strict mode raises
-    them. The check decodes at 1/8 scale: every coefficient is still entropy-decoded, so
-    every warning still fires, for a fraction of a full decode. It runs before Pillow's
-    decode, so damaged data costs no full decode either.
+    At `min_factor=8` it is the check alone: every coefficient is still entropy-decoded,
+    so every warning still fires. Grey and YCbCr/RGB JPEGs take their pixels from the full
+    decode itself (ISLOW DCT and fancy upsampling, as Pillow's: the same pixels, and one
+    decode instead of two); CMYK ones are checked here and decoded by Pillow.
     """
     try:
         colourspace = _JPEG_COLOURSPACES.get(simplejpeg.decode_jpeg_header(data)[2], "RGB")
-        simplejpeg.decode_jpeg(data, colorspace=colourspace, min_factor=8, strict=True)
+        pixels: np.ndarray = simplejpeg.decode_jpeg(
+            data, colorspace=colourspace, min_factor=min_factor, strict=True
+        )
     except ValueError as exc:
         raise UndecodableImage(
             f"the JPEG's data is damaged (truncated or corrupt): libjpeg says {exc}"
         ) from None
+    return pixels
 
 
 def decode(data: bytes, content_type: str | None, *, max_pixels: int) -> DecodedImage:
@@ -610,12 +614,22 @@ def decode(data: bytes, content_type: str | None, *, max_pixels: int) -> Decoded
         elif fmt == "JPEG":
             layout = _jpeg_layout(data)
             _check_jpeg_scan_size(layout, im.size)
-            _check_jpeg_warnings(data)
         with _pillow_errors(fmt):
-            planes = _read_wide_colour(im, data, fmt)
-            if planes is None:
-                im.load()
-                planes = _read_planes(im)
+            if fmt == "JPEG" and im.mode in ("L", "RGB"):
+                pixels = _strict_jpeg(data)
+                if pixels.shape[:2] != (im.height, im.width):  # two headers that disagree
+                    raise UndecodableImage(
+                        f"the JPEG decodes to {pixels.shape[1]}x{pixels.shape[0]}, its header "
+                        f"says {im.width}x{im.height}"
+                    )
+                planes = _Planes(pixels, None, 8)
+            else:
+                if fmt == "JPEG":
+                    _strict_jpeg(data, min_factor=8)  # damaged data costs no full decode
+                wide = _read_wide_colour(im, data, fmt)
+                if wide is None:
+                    im.load()
+                planes = _read_planes(im) if wide is None else wide
             orientation = _exif_orientation(im)
         source_profile = im.info.get("icc_profile")
         converted_cmyk = im.mode == "CMYK"
