@@ -53,6 +53,10 @@ for s in "${steps[@]}"; do
     step targets_graphs 75 env IMDN_CUDA_GRAPHS=auto python3 -m bench.gpu_targets "${quick[@]}" \
       --profile "$O/profile"
     tail -n 27 "$O/targets_graphs.txt" ;;
+  targets_frames)  # the same with a whole-frame bucket for the 1080p frames
+    step targets_frames 90 env IMDN_FRAME_BUCKETS='["1080x1920"]' python3 -m bench.gpu_targets \
+      "${quick[@]}"
+    tail -n 27 "$O/targets_frames.txt" ;;
   gpu_compile_test)  # the compiled backend through the engine: 12 graphs, mode default
     step gpu_compile_test 110 python3 -m pytest -q -p no:cacheprovider -o addopts= \
       -k compile tests/test_gpu.py

@@ -13,6 +13,9 @@ tile runs whole, padded; a larger one is cut into crops of exactly the tile side
 and warm-up can run every (shape, batch size) pair before `/readyz`, so cuDNN tuning
 or compilation never happens on a request. Batch sizes are padded up to a few fixed
 sizes too (powers of two up to the largest), as vLLM pads to its captured sizes.
+Frame buckets (`IMDN_FRAME_BUCKETS`, none by default) add whole-image shapes for the
+frame sizes a deployment serves: an image larger than a tile that fits one runs whole,
+padded, at batch size 1, instead of as tiles that redo their overlapping context.
 """
 
 from __future__ import annotations
@@ -75,12 +78,19 @@ class Planner:
     """Plans images for one server's settings; `buckets` fixes the crop shapes."""
 
     def __init__(
-        self, *, tile_max_pixels: int, tile_padding: int, buckets: bool, max_batch: int
+        self,
+        *,
+        tile_max_pixels: int,
+        tile_padding: int,
+        buckets: bool,
+        max_batch: int,
+        frames: tuple[tuple[int, int], ...] = (),
     ) -> None:
         self.tile_max_pixels = tile_max_pixels
         self.tile_padding = tile_padding
         self.buckets = buckets
         self.batch_sizes = padded_batch_sizes(max_batch) if buckets else ()
+        self.frames = frames if buckets else ()
 
     def bucket_sides(self, multiple: int) -> tuple[int, int]:
         """(short, long) bucket sides for a network whose sides are multiples of
@@ -93,11 +103,19 @@ class Planner:
         return short, long
 
     def shapes(self, multiple: int) -> list[tuple[int, int]]:
-        """Every crop shape a bucketed model runs (empty without buckets)."""
+        """Every crop shape a bucketed model runs (empty without buckets): the tile
+        buckets, then the frame buckets."""
         if not self.buckets:
             return []
         sides = sorted(set(self.bucket_sides(multiple)))
-        return [(h, w) for h in sides for w in sides]
+        tiles = [(h, w) for h in sides for w in sides]
+        return tiles + [f for f in self.frame_shapes(multiple) if f not in tiles]
+
+    def frame_shapes(self, multiple: int) -> list[tuple[int, int]]:
+        """The frame buckets for a network of this size rule, each side rounded up to the
+        bucket granularity; they run at batch size 1 only (a frame fills the device)."""
+        grain = math.lcm(BUCKET_GRANULARITY, multiple)
+        return sorted({(acs.round_up(h, grain), acs.round_up(w, grain)) for h, w in self.frames})
 
     def plan(self, height: int, width: int, multiple: int) -> Plan:
         """The plan for an image of `height` x `width` (already at least `multiple` on
@@ -120,6 +138,11 @@ class Planner:
 
     def _bucketed(self, height: int, width: int, multiple: int) -> Plan:
         short, long = self.bucket_sides(multiple)
+        if height > long or width > long:  # tiles, unless a frame bucket holds it whole
+            fits = [(h * w, (h, w)) for h, w in self.frame_shapes(multiple)]
+            fits = [f for f in fits if f[1][0] >= height and f[1][1] >= width]
+            if fits:
+                return Plan(acs.whole_plan(height, width), min(fits)[1])
         crops = acs.side_grid_plan(
             height, width, side=long, padding=self.tile_padding, multiple=multiple
         )

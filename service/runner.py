@@ -170,9 +170,15 @@ class DeviceRunner:
     def warm_batches(self, model: LoadedModel) -> list[tuple[int, int, int]]:
         """(batch, h, w) the warm-up runs: with buckets, every shape at every padded batch
         size; without, a small square at batch 1 and 4 (first-call costs only)."""
-        shapes = self.planner.shapes(model.descriptor.size_multiple)
+        multiple = model.descriptor.size_multiple
+        shapes = self.planner.shapes(multiple)
         if shapes:
-            return [(b, h, w) for h, w in shapes for b in self.planner.batch_sizes]
+            frames = self.planner.frame_shapes(multiple)
+            return [
+                (b, h, w)
+                for h, w in shapes
+                for b in ((1,) if (h, w) in frames else self.planner.batch_sizes)
+            ]
         side = min(64, math.isqrt(self.settings.tile_max_pixels)) // 4 * 4
         return [(1, side, side), (4, side, side)]
 
@@ -228,7 +234,10 @@ class DeviceRunner:
                 [j.valid[s.start : s.stop] for j, s in zip(jobs, slices, strict=True)]
             )
             n = x.shape[0]
-            if self.planner.batch_sizes:
+            frame = (x.shape[-2], x.shape[-1]) in self.planner.frame_shapes(
+                model.descriptor.size_multiple
+            )
+            if self.planner.batch_sizes and not frame:
                 size = padded_batch(n, self.planner.batch_sizes)
                 if size > n:  # padding crops count as wholly valid: no empty statistics
                     x = torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))])
@@ -236,7 +245,15 @@ class DeviceRunner:
             self.shapes_run.setdefault(model.descriptor.name, set()).add((x.shape[-2], x.shape[-1]))
             reset_peak_memory(self.device)
             started = time.perf_counter()
-            y = self._forward_splitting(model, x, valid)[:n]
+            if frame:  # a frame fills the device: one at a time, the batch size warmed
+                y = torch.cat(
+                    [
+                        self._forward_splitting(model, x[i : i + 1], valid[i : i + 1])
+                        for i in range(n)
+                    ]
+                )
+            else:
+                y = self._forward_splitting(model, x, valid)[:n]
             offset = 0
             for job, s in zip(jobs, slices, strict=True):
                 count = s.stop - s.start

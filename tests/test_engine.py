@@ -17,7 +17,7 @@ from models.quality.evaluate import list_images, read_rgb
 from models.quality.matlab import psnr
 from service import imaging
 from service.api import ENGINE_ERRORS, engine_error_status
-from service.engine import Engine
+from service.engine import Engine, UpscaleResult
 from service.errors import EngineError, QueueFull, TooCostly
 from service.imaging import output_size
 from service.planner import Planner, model_for_scale
@@ -229,3 +229,78 @@ def test_a_request_that_can_never_fit_is_413_at_once(weights_dir: Path, datasets
             assert r.json()["reason"] == "too_costly"
             ok = c.post("/v1/superres?scale=4", content=_png(small, "RGB"))
             assert ok.status_code == 200
+
+
+def test_frame_buckets_run_a_large_image_whole() -> None:
+    """A frame bucket takes an image larger than a tile whole, padded, instead of tiling
+    it; images that fit no frame still tile, small ones keep the tile buckets."""
+    planner = Planner(
+        tile_max_pixels=256 * 256,
+        tile_padding=32,
+        buckets=True,
+        max_batch=8,
+        frames=((1080, 1920), (1920, 1080)),
+    )
+    assert planner.frame_shapes(1) == [(1088, 1920), (1920, 1088)]
+    assert set(planner.frame_shapes(1)) <= set(planner.shapes(1))
+    for size in ((1080, 1920), (1000, 1500), (300, 1920)):
+        plan = planner.plan(*size, 1)
+        assert (len(plan.crops.crops), plan.shape) == (1, (1088, 1920)), size
+    assert planner.plan(1920, 1080, 1).shape == (1920, 1088)
+    assert len(planner.plan(1200, 1920, 1).crops.crops) > 1  # fits no frame: tiles
+    assert planner.plan(100, 200, 1).shape == (128, 256)  # fits a tile bucket
+    off = Planner(
+        tile_max_pixels=256 * 256,
+        tile_padding=32,
+        buckets=False,
+        max_batch=8,
+        frames=((1080, 1920),),
+    )
+    assert off.frame_shapes(1) == [] and len(off.plan(1080, 1920, 1).crops.crops) > 1
+
+
+def test_frame_buckets_in_the_engine_warm_at_batch_one_and_match_the_whole_image(
+    weights_dir: Path, datasets_dir: Path, official_model
+) -> None:  # type: ignore[no-untyped-def]
+    """With a 96x128 frame bucket over 64-px tiles, a 90x120 image runs as one padded crop
+    (the masked forward: within rounding of the unpadded forward), two at once too, and
+    the frame is warmed at batch size 1 only."""
+    settings = Settings(
+        **CPU,
+        weights_dir=weights_dir,
+        models=["x4"],
+        shape_buckets="on",
+        warmup=False,
+        tile_max_pixels=64 * 64,
+        tile_padding=16,
+        max_batch_size=4,
+        max_batch_wait_ms=20,
+        frame_buckets=["90x120"],
+    )
+    lr = read_rgb(datasets_dir / "Set14" / "HR" / "comic.png")[:90, :120]
+    other = read_rgb(datasets_dir / "Set14" / "HR" / "baboon.png")[:88, :100]
+
+    async def go() -> list[UpscaleResult]:
+        engine = Engine(settings)
+        await engine.start()
+        try:
+            model = engine.runner.models["x4"]
+            warm = engine.runner.warm_batches(model)
+            assert [b for b, h, w in warm if (h, w) == (96, 128)] == [1]
+            assert {(h, w) for _, h, w in warm} == set(engine.planner.shapes(1))
+            results = await asyncio.gather(engine.upscale(lr, 4), engine.upscale(other, 4))
+            assert engine.batch_shapes["x4"] == {(96, 128)}
+            return list(results)
+        finally:
+            await engine.stop()
+
+    for image, result in zip((lr, other), asyncio.run(go()), strict=True):
+        assert result.crops == 1
+        assert psnr(result.image, whole_forward(official_model("x4"), image)) >= 80
+
+
+def test_frame_buckets_are_height_x_width(weights_dir: Path) -> None:
+    assert Settings(weights_dir=weights_dir, frame_buckets=["1080x1920"]).frames == ((1080, 1920),)
+    for bad in ("1080", "1080x", "8x8", "axb", "1080x1920x3"):
+        with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
+            Settings(weights_dir=weights_dir, frame_buckets=[bad])
