@@ -39,26 +39,22 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 quick=()
 python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || quick=(--quick)
 steps=("$@")
-[ $# -gt 0 ] || steps=(gpu_tests targets gpu_compile_test compiled suite)
+[ $# -gt 0 ] || steps=(gpu_tests targets targets_frames suite_device gpu_compile_test)
 for s in "${steps[@]}"; do
   case $s in
   gpu_tests)  # fp16 Set5 PSNR within 0.02 dB of fp32, modes, tiles (eager)
     step gpu_tests 60 python3 -m pytest -q -p no:cacheprovider -o addopts= -k "not compile" \
       tests/test_gpu.py
     tail -n 3 "$O/gpu_tests.txt" ;;
-  targets)  # the targets with the CUDA defaults (fp16, eager, buckets), py-spy'd
+  targets)  # the targets with the CUDA defaults (fp16, buckets, CUDA graphs), py-spy'd
     step targets 100 python3 -m bench.gpu_targets "${quick[@]}" --profile "$O/profile"
     tail -n 27 "$O/targets.txt" ;;
-  targets_graphs)  # the same with the masked forward replayed as CUDA graphs
-    step targets_graphs 75 env IMDN_CUDA_GRAPHS=auto python3 -m bench.gpu_targets "${quick[@]}" \
-      --profile "$O/profile"
-    tail -n 27 "$O/targets_graphs.txt" ;;
   targets_frames)  # the same with a whole-frame bucket for the 1080p frames
     step targets_frames 90 env IMDN_FRAME_BUCKETS='["1080x1920"]' python3 -m bench.gpu_targets \
       "${quick[@]}"
     tail -n 27 "$O/targets_frames.txt" ;;
   gpu_compile_test)  # the compiled backend through the engine: 12 graphs, mode default
-    step gpu_compile_test 110 python3 -m pytest -q -p no:cacheprovider -o addopts= \
+    step gpu_compile_test 240 python3 -m pytest -q -p no:cacheprovider -o addopts= \
       -k compile tests/test_gpu.py
     grep -E "compiled|passed|failed|Error" "$O/gpu_compile_test.txt" | tail -n 8 ;;
   compiled)  # the frame's forward compiled with inductor's freezing
