@@ -11,8 +11,10 @@
 #     && cp -r ../shared/datasets/Set5 ../shared/datasets/Set14 .gpu/datasets/
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-#     --platform manylinux2014_x86_64 -d .gpu/extra isal simplejpeg fastapi-offline==1.7.7 py-spy httptools
-# (httptools: the HTTP parser uvicorn[standard] uses in the image). Then, on the device: `bash bench/gpu_check.sh` (under 10 minutes; logs in $OUT or
+#     --platform manylinux2014_x86_64 -d .gpu/extra isal simplejpeg fastapi-offline==1.7.7 \
+#     py-spy httptools
+# (httptools: the HTTP parser uvicorn[standard] puts in the image). Then, on the device:
+# `bash bench/gpu_check.sh [STEP...]` (the default steps: under 10 minutes; logs in $OUT or
 # /tmp/gpu_out). Try it here first with GPU_CHECK_NO_INSTALL=1 and a python3 that has the
 # project's packages: on the CPU the gpu tests skip and the targets run --quick.
 set -u
