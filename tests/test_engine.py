@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -91,22 +92,26 @@ def test_bench_reports_the_shapes_the_device_ran(weights_dir: Path, datasets_dir
         assert set(shapes) <= set(planner.shapes(multiple)), cell
 
 
-@pytest.fixture(scope="module")
-def bucketed(weights_dir: Path):  # type: ignore[no-untyped-def]
-    """x4 and IMDN_AS on the CPU with buckets on: tile sides 64 and 32 px for x4, 256 and
-    128 px for IMDN_AS (the budget counts its quarter-resolution features)."""
-    settings = Settings(
+def bucketed_settings(weights_dir: Path, **extra: Any) -> Settings:
+    """CPU, buckets on, small tiles (64 px for x4), no warm-up: the bucketed path quickly."""
+    return Settings(
         **CPU,
         weights_dir=weights_dir,
-        models=["x4", "AS"],
         shape_buckets="on",
         warmup=False,
         tile_max_pixels=64 * 64,
         tile_padding=16,
         max_batch_size=4,
         max_batch_wait_ms=20,
+        **extra,
     )
-    engine = Engine(settings)
+
+
+@pytest.fixture(scope="module")
+def bucketed(weights_dir: Path):  # type: ignore[no-untyped-def]
+    """x4 and IMDN_AS on the CPU with buckets on: tile sides 64 and 32 px for x4, 256 and
+    128 px for IMDN_AS (the budget counts its quarter-resolution features)."""
+    engine = Engine(bucketed_settings(weights_dir, models=["x4", "AS"]))
     loop = asyncio.new_event_loop()
     loop.run_until_complete(engine.start())
     yield engine, loop
@@ -265,18 +270,7 @@ def test_frame_buckets_in_the_engine_warm_at_batch_one_and_match_the_whole_image
     """With a 96x128 frame bucket over 64-px tiles, a 90x120 image runs as one padded crop
     (the masked forward: within rounding of the unpadded forward), two at once too, and
     the frame is warmed at batch size 1 only."""
-    settings = Settings(
-        **CPU,
-        weights_dir=weights_dir,
-        models=["x4"],
-        shape_buckets="on",
-        warmup=False,
-        tile_max_pixels=64 * 64,
-        tile_padding=16,
-        max_batch_size=4,
-        max_batch_wait_ms=20,
-        frame_buckets=["90x120"],
-    )
+    settings = bucketed_settings(weights_dir, models=["x4"], frame_buckets=["90x120"])
     lr = read_rgb(datasets_dir / "Set14" / "HR" / "comic.png")[:90, :120]
     other = read_rgb(datasets_dir / "Set14" / "HR" / "baboon.png")[:88, :100]
 
