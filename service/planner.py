@@ -139,10 +139,9 @@ class Planner:
     def _bucketed(self, height: int, width: int, multiple: int) -> Plan:
         short, long = self.bucket_sides(multiple)
         if height > long or width > long:  # tiles, unless a frame bucket holds it whole
-            fits = [(h * w, (h, w)) for h, w in self.frame_shapes(multiple)]
-            fits = [f for f in fits if f[1][0] >= height and f[1][1] >= width]
-            if fits:
-                return Plan(acs.whole_plan(height, width), min(fits)[1])
+            fits = [(h, w) for h, w in self.frame_shapes(multiple) if h >= height and w >= width]
+            if fits:  # the smallest frame that holds it
+                return Plan(acs.whole_plan(height, width), min(fits, key=lambda f: f[0] * f[1]))
         crops = acs.side_grid_plan(
             height, width, side=long, padding=self.tile_padding, multiple=multiple
         )
