@@ -335,6 +335,15 @@ def _read_planes(im: ImageFile.ImageFile) -> _Planes:
     )
 
 
+def _pillow_planes(im: ImageFile.ImageFile, data: bytes, fmt: str) -> _Planes:
+    """The planes through Pillow: 16-bit colour PNG/TIFF read losslessly, the rest loaded."""
+    wide = _read_wide_colour(im, data, fmt)
+    if wide is not None:
+        return wide
+    im.load()
+    return _read_planes(im)
+
+
 def _exif_orientation(im: Image.Image) -> int:
     try:
         value = im.getexif().get(ExifTags.Base.Orientation, 1)
@@ -626,10 +635,7 @@ def decode(data: bytes, content_type: str | None, *, max_pixels: int) -> Decoded
             else:
                 if fmt == "JPEG":
                     _strict_jpeg(data, min_factor=8)  # damaged data costs no full decode
-                wide = _read_wide_colour(im, data, fmt)
-                if wide is None:
-                    im.load()
-                planes = _read_planes(im) if wide is None else wide
+                planes = _pillow_planes(im, data, fmt)
             orientation = _exif_orientation(im)
         source_profile = im.info.get("icc_profile")
         converted_cmyk = im.mode == "CMYK"
