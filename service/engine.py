@@ -94,7 +94,7 @@ class Engine:
             tile_padding=settings.tile_padding,
             buckets=settings.buckets_on(resolve_device(settings.device)),
             max_batch=settings.max_batch_size,
-            frames=settings.frames,
+            frames=tuple(settings.frame_buckets),
         )
 
     @property

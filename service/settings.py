@@ -108,7 +108,7 @@ class Settings(BaseSettings):
         "IMDN_AS: a quarter of each side); larger inputs are tiled",
     )
     tile_padding: int = Field(32, ge=0, description="context around each tile, a multiple of 4")
-    frame_buckets: list[str] = Field(
+    frame_buckets: list[tuple[int, int]] = Field(
         default_factory=list,
         description='whole-image bucket shapes, "HEIGHTxWIDTH" at the network\'s input, e.g. '
         '["1080x1920"] for a video of 1080p frames: an image larger than a tile that fits one '
@@ -200,20 +200,17 @@ class Settings(BaseSettings):
                 )
         return v
 
-    @field_validator("frame_buckets")
+    @field_validator("frame_buckets", mode="before")
     @classmethod
-    def _frame_shapes(cls, v: list[str]) -> list[str]:
-        for frame in v:
-            sides = frame.lower().split("x")
+    def _frame_shapes(cls, v: object) -> list[tuple[int, int]]:
+        """ "HEIGHTxWIDTH" strings to (height, width), each side >= 16."""
+        frames = []
+        for frame in v if isinstance(v, list) else [v]:
+            sides = str(frame).lower().split("x")
             if len(sides) != 2 or not all(side.isdigit() and int(side) >= 16 for side in sides):
                 raise ValueError(f'frame bucket {frame!r} is not "HEIGHTxWIDTH" of sides >= 16')
-        return v
-
-    @property
-    def frames(self) -> tuple[tuple[int, int], ...]:
-        """The frame buckets as (height, width)."""
-        pairs = (frame.lower().split("x") for frame in self.frame_buckets)
-        return tuple((int(h), int(w)) for h, w in pairs)
+            frames.append((int(sides[0]), int(sides[1])))
+        return frames
 
     @field_validator("tile_padding")
     @classmethod

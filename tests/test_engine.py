@@ -294,7 +294,9 @@ def test_frame_buckets_in_the_engine_warm_at_batch_one_and_match_the_whole_image
 
 
 def test_frame_buckets_are_height_x_width(weights_dir: Path) -> None:
-    assert Settings(weights_dir=weights_dir, frame_buckets=["1080x1920"]).frames == ((1080, 1920),)
+    assert Settings(weights_dir=weights_dir, frame_buckets=["1080x1920"]).frame_buckets == [
+        (1080, 1920)
+    ]
     for bad in ("1080", "1080x", "8x8", "axb", "1080x1920x3"):
         with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
             Settings(weights_dir=weights_dir, frame_buckets=[bad])
