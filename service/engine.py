@@ -267,4 +267,4 @@ class Engine:
                 acs.paste(canvas, quantised[j : j + 1], plan.crops, first + j, scale=s)
 
         valid = torch.tensor([[crop_h, crop_w]], device=self.device).expand(crops.shape[0], 2)
-        return Job(crops, valid, paste), canvas, (h, w)
+        return Job(crops, valid, paste, full=not plan.padded), canvas, (h, w)

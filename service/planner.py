@@ -14,8 +14,14 @@ and warm-up can run every (shape, batch size) pair before `/readyz`, so cuDNN tu
 or compilation never happens on a request. Batch sizes are padded up to a few fixed
 sizes too (powers of two up to the largest), as vLLM pads to its captured sizes.
 Frame buckets (`IMDN_FRAME_BUCKETS`, none by default) add whole-image shapes for the
-frame sizes a deployment serves: an image larger than a tile that fits one runs whole,
-padded, at batch size 1, instead of as tiles that redo their overlapping context.
+frame sizes a deployment serves, at exactly those sizes (rounded up only to the
+network's size rule): an image larger than a tile that fits one runs whole, at batch
+size 1, instead of as tiles that redo their overlapping context.
+
+Crops that fill their shape need no mask: a tile grid's crops (all exactly the tile
+side) and a frame of its bucket's very size. `full_shapes` names those shapes; the
+runner runs such batches through the plain network, which is cheaper on a GPU than the
+masked forward and is what the compile backend compiles.
 """
 
 from __future__ import annotations
@@ -112,10 +118,20 @@ class Planner:
         return tiles + [f for f in self.frame_shapes(multiple) if f not in tiles]
 
     def frame_shapes(self, multiple: int) -> list[tuple[int, int]]:
-        """The frame buckets for a network of this size rule, each side rounded up to the
-        bucket granularity; they run at batch size 1 only (a frame fills the device)."""
-        grain = math.lcm(BUCKET_GRANULARITY, multiple)
-        return sorted({(acs.round_up(h, grain), acs.round_up(w, grain)) for h, w in self.frames})
+        """The frame buckets for a network of this size rule, each side rounded up to it
+        only, so that a frame of the named size fills its bucket (no padding, no mask);
+        they run at batch size 1 only (a frame fills the device)."""
+        return sorted(
+            {(acs.round_up(h, multiple), acs.round_up(w, multiple)) for h, w in self.frames}
+        )
+
+    def full_shapes(self, multiple: int) -> list[tuple[int, int]]:
+        """The shapes whose crops usually fill them, which the runner warms for the plain
+        forward too (empty without buckets): the tile grid's, and the frame buckets."""
+        if not self.buckets:
+            return []
+        _, long = self.bucket_sides(multiple)
+        return sorted({(long, long), *self.frame_shapes(multiple)})
 
     def plan(self, height: int, width: int, multiple: int) -> Plan:
         """The plan for an image of `height` x `width` (already at least `multiple` on

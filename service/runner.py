@@ -4,7 +4,9 @@ It loads each network once onto the device (one copy: the backend runs that very
 module), warms every (shape, batch size) the planner will send when shape buckets are
 on (so cuDNN's autotuning and `torch.compile` happen before `/readyz`, never on a
 request), runs batches on its one device thread, and splits a batch that runs out of
-memory (halves, then a grid of smaller tiles for a single crop). Outputs stay on the
+memory (halves, then a grid of smaller tiles for a single crop). With buckets, a batch
+whose crops all fill their shape (a tile grid, a frame of its bucket's size) runs the
+plain network; a batch with padded crops runs the masked forward. Outputs stay on the
 device: each crop's output is clamped, quantised and pasted into its request's integer
 canvas by the request's `paste`, in the device thread.
 """
@@ -19,7 +21,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,9 @@ from service.metrics import Metrics, peak_memory_bytes, reset_peak_memory
 from service.planner import Planner, padded_batch
 from service.settings import ModelName, Settings
 
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE
+
 log = logging.getLogger(__name__)
 
 MEGACACHE_FILE = "imdn-megacache.bin"
@@ -48,10 +53,15 @@ class LoadedModel:
 
     descriptor: ModelDescriptor
     backend: str  # models.runtime.backend: how `forward` runs the network
-    forward: Forward  # the backend's forward of the one copy on the device (no buckets)
-    masked: MaskedForward | None  # with buckets: the backend's forward of padded crops
-    masked_eager: MaskedForward | None  # the same, uncompiled: for shapes not warmed
-    warm_shapes: set[tuple[int, ...]] = field(default_factory=set)
+    # the backend's plain forward of the one copy on the device: every batch without
+    # buckets; with them, batches of crops that fill a warmed shape of `full_shapes`
+    forward: Forward
+    masked: MaskedForward | None  # with buckets: the forward of padded crops (graphed)
+    masked_eager: MaskedForward | None  # the same, not graphed: for shapes not warmed
+    full_shapes: frozenset[tuple[int, int]] = frozenset()  # (h, w) warmed for `forward` too
+    frame_shapes: frozenset[tuple[int, int]] = frozenset()  # (h, w) run at batch size 1
+    warm_shapes: set[tuple[int, ...]] = field(default_factory=set)  # masked, warmed
+    warm_full: set[tuple[int, ...]] = field(default_factory=set)  # plain, warmed
     load_seconds: float = 0.0
     warmup_seconds: float = 0.0
 
@@ -63,6 +73,7 @@ class Job:
     crops: torch.Tensor  # (n, 3, H, W) float32 in [0, 1], padded to the plan's shape
     valid: torch.Tensor  # (n, 2) int64: each crop's real (h, w) inside its padded shape
     paste: Callable[[int, torch.Tensor], None]  # (first crop, clamped outputs) into the canvas
+    full: bool = False  # every crop fills (H, W): no padding, so no mask is needed
 
 
 def activation_bytes(model: LoadedModel, shape: torch.Size | tuple[int, ...]) -> int:
@@ -90,6 +101,7 @@ class DeviceRunner:
         self.shapes_run: dict[str, set[tuple[int, int]]] = {}  # crop shapes per model
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imdn-device")
         self._busy_since: float | None = None
+        self._graph_pool: _POOL_HANDLE | None = None  # one memory pool for every graph
         self.warm_timings: dict[str, list[tuple[int, int, int, float]]] = {}
 
     # Life cycle (on the device thread)
@@ -128,29 +140,27 @@ class DeviceRunner:
         backend = resolve_backend(self.settings.backend, self.device)
         # one copy on the device: every forward below runs `network` itself, moved and
         # converted in place (exported backends keep their own runtime copy instead)
-        plain = "channels_last" if self.device.type == "cuda" and backend == "compile" else "eager"
+        forward = prepare(
+            network,
+            backend,
+            self.device,
+            self.dtype,
+            in_place=True,
+            compile_mode=self.settings.compile_mode,
+        )
         masked = masked_eager = None
+        multiple = descriptor.size_multiple
         if self.planner.buckets:
-            masked = prepare_masked(
-                network, backend, self.device, self.dtype, compile_mode=self.settings.compile_mode
-            )
-            masked_eager = (
-                prepare_masked(network, plain, self.device, self.dtype)
-                if backend == "compile"
-                else masked
-            )
+            # padded crops run the masked forward eager: the compile backend compiles only
+            # the plain forward of full crops (the masked one took minutes per model)
+            layout = backend
+            if backend == "compile":
+                layout = "channels_last" if self.device.type == "cuda" else "eager"
+            masked = masked_eager = prepare_masked(network, layout, self.device, self.dtype)
             if self.settings.graphs_on(self.device):  # warm-up captures each shape
-                masked = GraphedForward(masked, self.device)
-            forward = prepare(network, plain, self.device, self.dtype, in_place=True)
-        else:
-            forward = prepare(
-                network,
-                backend,
-                self.device,
-                self.dtype,
-                in_place=True,
-                compile_mode=self.settings.compile_mode,
-            )
+                masked = self._graphed(masked)
+                if backend != "compile":  # compiled kernels run as they are
+                    forward = self._graphed(forward)
         del network
         loaded = LoadedModel(
             descriptor=descriptor,
@@ -158,6 +168,8 @@ class DeviceRunner:
             forward=forward,
             masked=masked,
             masked_eager=masked_eager,
+            full_shapes=frozenset(self.planner.full_shapes(multiple)),
+            frame_shapes=frozenset(self.planner.frame_shapes(multiple)),
             load_seconds=time.perf_counter() - started,
         )
         if self.settings.warmup:
@@ -167,54 +179,82 @@ class DeviceRunner:
         self.models[name] = loaded
         return loaded
 
+    def _graphed(self, forward: Callable[..., torch.Tensor]) -> GraphedForward:
+        """`forward` replayed as CUDA graphs of the shapes warm-up captures; every graph
+        of this runner shares one memory pool (one replay at a time, outputs copied)."""
+        graphed = GraphedForward(forward, self.device, self._graph_pool)
+        self._graph_pool = graphed.pool
+        return graphed
+
     def warm_batches(self, model: LoadedModel) -> list[tuple[int, int, int]]:
         """(batch, h, w) the warm-up runs: with buckets, every shape at every padded batch
-        size; without, a small square at batch 1 and 4 (first-call costs only)."""
-        multiple = model.descriptor.size_multiple
-        shapes = self.planner.shapes(multiple)
+        size (frames at 1 only); without, a small square at batch 1 and 4 (first-call
+        costs only). With buckets the full shapes also warm the plain forward."""
+        shapes = self.planner.shapes(model.descriptor.size_multiple)
         if shapes:
-            frames = self.planner.frame_shapes(multiple)
             return [
                 (b, h, w)
                 for h, w in shapes
-                for b in ((1,) if (h, w) in frames else self.planner.batch_sizes)
+                for b in ((1,) if (h, w) in model.frame_shapes else self.planner.batch_sizes)
             ]
         side = min(64, math.isqrt(self.settings.tile_max_pixels)) // 4 * 4
         return [(1, side, side), (4, side, side)]
 
     def _warm(self, model: LoadedModel) -> list[tuple[int, int, int, float]]:
-        """Run each warm-up batch twice (the first may tune or compile): the second
-        pass's time is the measured throughput. Returns (batch, h, w, seconds)."""
+        """Run each warm-up batch through each forward that will run it (the first call
+        may tune, compile or capture), then once more, timed: that second pass of the
+        masked forward (the slower) is the measured throughput. Returns (batch, h, w,
+        seconds)."""
         timings = []
+        batches = self.warm_batches(model)
         if model.backend == "compile":
             # one compiled code object serves every model: count all their graphs
-            _allow_recompiles(len(self.warm_batches(model)) * len(self.settings.models))
-        for batch, h, w in self.warm_batches(model):
+            full = sum((h, w) in model.full_shapes for _, h, w in batches)
+            _allow_recompiles(full * len(self.settings.models))
+        for batch, h, w in batches:
             shape = (batch, 3, h, w)
             valid = torch.tensor([[h, w]] * batch, device=self.device)
-            first = time.perf_counter()
-            try:
-                self._forward(model, torch.rand(shape, device=self.device), valid, warm=True)
-            except DeviceOutOfMemory:  # requests will split such a batch: nothing to warm
-                log.warning("warm-up: a batch of %s does not fit the device; skipped", shape)
+            paths = [False, True] if (h, w) in model.full_shapes else [False]
+            for full in paths:
+                first = time.perf_counter()
+                try:
+                    self._prepare_shape(model, shape, valid, full=full)
+                except DeviceOutOfMemory:  # requests will split such a batch: nothing to warm
+                    log.warning("warm-up: a batch of %s does not fit the device; skipped", shape)
+                    break
+                if full and model.backend == "compile":
+                    log.info(
+                        "compiled %s for %s in %.1fs",
+                        model.descriptor.name,
+                        shape,
+                        time.perf_counter() - first,
+                    )
+            if shape not in model.warm_shapes:
                 continue
-            if isinstance(model.masked, GraphedForward):
-                with torch.inference_mode():
-                    crops = torch.rand(shape, device=self.device, dtype=model.descriptor.dtype)
-                    model.masked.capture(crops, valid)
-            model.warm_shapes.add(shape)
-            prepared = time.perf_counter() - first
             started = time.perf_counter()
-            self._forward(model, torch.rand(shape, device=self.device), valid)
+            self._forward(model, torch.rand(shape, device=self.device), valid, full=False)
             self._synchronise()
-            seconds = time.perf_counter() - started
-            timings.append((batch, h, w, seconds))
-            if model.backend == "compile":
-                log.info("compiled %s for %s in %.1fs", model.descriptor.name, shape, prepared)
+            timings.append((batch, h, w, time.perf_counter() - started))
         if model.backend == "compile":
             self._save_compile_cache()
         self.warm_timings[model.descriptor.name] = timings
         return timings
+
+    def _prepare_shape(
+        self, model: LoadedModel, shape: tuple[int, ...], valid: torch.Tensor, *, full: bool
+    ) -> None:
+        """Run one forward path at `shape` (tuning, compiling), capture its graph where it
+        has one, and mark the shape warmed for that path."""
+        self._forward(model, torch.rand(shape, device=self.device), valid, full=full, warm=True)
+        graphed = model.forward if full else model.masked
+        if isinstance(graphed, GraphedForward):
+            with torch.inference_mode():
+                crops = torch.rand(shape, device=self.device, dtype=model.descriptor.dtype)
+                if full:
+                    graphed.capture(crops)
+                else:
+                    graphed.capture(crops, valid)
+        (model.warm_full if full else model.warm_shapes).add(shape)
 
     # Batches (on the device thread)
 
@@ -223,8 +263,9 @@ class DeviceRunner:
         return self._busy_since
 
     def run_batch(self, key: Key, slices: list[Slice]) -> BatchOutcome:
-        """Concatenate the slices' crops, pad the batch to a warmed size, forward, and
-        hand each request its outputs (clamped, on the device)."""
+        """Concatenate the slices' crops, pad the batch to a warmed size, forward (the
+        plain network when every crop fills its shape), and hand each request its outputs
+        (clamped, on the device)."""
         self._busy_since = time.monotonic()
         try:
             model = self.models[key[0]]
@@ -233,10 +274,11 @@ class DeviceRunner:
             valid = torch.cat(
                 [j.valid[s.start : s.stop] for j, s in zip(jobs, slices, strict=True)]
             )
+            fills = [
+                j.full for j, s in zip(jobs, slices, strict=True) for _ in range(s.start, s.stop)
+            ]
             n = x.shape[0]
-            frame = (x.shape[-2], x.shape[-1]) in self.planner.frame_shapes(
-                model.descriptor.size_multiple
-            )
+            frame = (x.shape[-2], x.shape[-1]) in model.frame_shapes
             if self.planner.batch_sizes and not frame:
                 size = padded_batch(n, self.planner.batch_sizes)
                 if size > n:  # padding crops count as wholly valid: no empty statistics
@@ -248,12 +290,12 @@ class DeviceRunner:
             if frame:  # a frame fills the device: one at a time, the batch size warmed
                 y = torch.cat(
                     [
-                        self._forward_splitting(model, x[i : i + 1], valid[i : i + 1])
+                        self._forward_splitting(model, x[i : i + 1], valid[i : i + 1], fills[i])
                         for i in range(n)
                     ]
                 )
             else:
-                y = self._forward_splitting(model, x, valid)[:n]
+                y = self._forward_splitting(model, x, valid, all(fills))[:n]
             offset = 0
             for job, s in zip(jobs, slices, strict=True):
                 count = s.stop - s.start
@@ -272,7 +314,7 @@ class DeviceRunner:
             torch.cuda.synchronize(self.device)
 
     def _forward_splitting(
-        self, model: LoadedModel, crops: torch.Tensor, valid: torch.Tensor
+        self, model: LoadedModel, crops: torch.Tensor, valid: torch.Tensor, full: bool
     ) -> torch.Tensor:
         """Forward a batch; when the device runs out of memory, retry smaller.
 
@@ -281,7 +323,7 @@ class DeviceRunner:
         generalisation) and stitched back, so the client still gets its full image.
         """
         try:
-            return self._forward(model, crops, valid)
+            return self._forward(model, crops, valid, full=full)
         except DeviceOutOfMemory:
             n, _, h, w = crops.shape
             self.metrics.count_error("device_oom_retry")
@@ -290,8 +332,8 @@ class DeviceRunner:
                 half = n // 2
                 return torch.cat(
                     [
-                        self._forward_splitting(model, crops[:half], valid[:half]),
-                        self._forward_splitting(model, crops[half:], valid[half:]),
+                        self._forward_splitting(model, crops[:half], valid[:half], full),
+                        self._forward_splitting(model, crops[half:], valid[half:], full),
                     ]
                 )
             vh, vw = (int(v) for v in valid[0])
@@ -307,10 +349,10 @@ class DeviceRunner:
                 multiple=model.descriptor.size_multiple,
             )
             pieces = acs.extract(crops[:, :, :vh, :vw], plan)
-            full = torch.tensor([[plan.crop_h, plan.crop_w]], device=crops.device)
+            full_piece = torch.tensor([[plan.crop_h, plan.crop_w]], device=crops.device)
             outputs = torch.cat(
                 [
-                    self._forward_splitting(model, pieces[i : i + 1], full)
+                    self._forward_splitting(model, pieces[i : i + 1], full_piece, True)
                     for i in range(len(pieces))
                 ]
             )
@@ -319,11 +361,18 @@ class DeviceRunner:
             return F.pad(stitched, (0, (w - vw) * s, 0, (h - vh) * s))
 
     def _forward(
-        self, model: LoadedModel, crops: torch.Tensor, valid: torch.Tensor, *, warm: bool = False
+        self,
+        model: LoadedModel,
+        crops: torch.Tensor,
+        valid: torch.Tensor,
+        *,
+        full: bool,
+        warm: bool = False,
     ) -> torch.Tensor:
-        """The network's clamped output in its dtype, on the device: with buckets the
-        masked forward (the backend's for warmed shapes or while warming, else the same
-        module eager), without them the backend's plain forward."""
+        """The network's clamped output in its dtype, on the device. Without buckets the
+        backend's plain forward; with them, for a shape warmed (or while warming) the plain
+        forward when every crop fills it (`full`) and the masked forward otherwise, and
+        the masked forward, not graphed, for any other shape."""
         budget = self.settings.device_memory_budget_bytes
         if budget and activation_bytes(model, crops.shape) > budget:
             raise DeviceOutOfMemory(
@@ -331,11 +380,14 @@ class DeviceRunner:
                 f"bytes; the budget is {budget}"
             )
         x = crops.to(self.device, dtype=model.descriptor.dtype)
+        shape = tuple(crops.shape)
         try:
             with torch.inference_mode():
                 if model.masked is None or model.masked_eager is None:
                     y: torch.Tensor = model.forward(x)
-                elif warm or tuple(crops.shape) in model.warm_shapes:
+                elif full and (warm or shape in model.warm_full):
+                    y = model.forward(x)
+                elif warm or shape in model.warm_shapes:
                     y = model.masked(x, valid)
                 else:
                     y = model.masked_eager(x, valid)

@@ -56,8 +56,8 @@ class Settings(BaseSettings):
             description="how the network runs (models/runtime/backend.py, docs/benchmarks.md): "
             "'eager' gives the authors' exact outputs; the others agree within 1e-4 and are "
             "faster on the CPU. 'auto': openvino, else onnxruntime when installed, else "
-            "channels_last; on CUDA eager. 'compile': torch.compile of each (model, shape, batch "
-            "size) during warm-up "
+            "channels_last; on CUDA eager. 'compile': torch.compile of the plain forward of each "
+            "(model, full shape, batch size) during warm-up, padded crops eager "
             "(CUDA; needs shape buckets)",
         )
     )
@@ -73,9 +73,10 @@ class Settings(BaseSettings):
     )
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="replay a CUDA graph of each warmed (shape, batch size) of the eager or "
-        "channels_last masked forward (models/runtime/graphs.py): one launch instead of a "
-        "few hundred per batch. 'auto': on with CUDA and shape buckets; needs both",
+        description="replay a CUDA graph of each warmed (shape, batch size) of the eager "
+        "forwards, masked and plain (models/runtime/graphs.py): one launch instead of a "
+        "few hundred per batch; with the compile backend, of the masked forward only. "
+        "'auto': on with CUDA and shape buckets; needs both",
     )
     shape_buckets: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -112,8 +113,9 @@ class Settings(BaseSettings):
         default_factory=list,
         description='whole-image bucket shapes, "HEIGHTxWIDTH" at the network\'s input, e.g. '
         '["1080x1920"] for a video of 1080p frames: an image larger than a tile that fits one '
-        "runs whole in it, padded (no tiles, no seams, ~1.9x less work for 1080p than 256-px "
-        "tiles), at batch size 1; warmed like the other buckets (docs/deploy.md)",
+        "runs whole in it (no tiles, no seams, ~1.9x less work for 1080p than 256-px tiles; "
+        "an image of the very size runs the plain forward, a smaller one padded), at batch "
+        "size 1; warmed like the other buckets (docs/deploy.md)",
     )
 
     device_memory_budget_bytes: int = Field(
@@ -270,22 +272,21 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _graphs_need_buckets(self) -> Settings:
         if self.cuda_graphs == "on" and (
-            self.shape_buckets == "off" or self.backend in ("onnxruntime", "openvino", "compile")
+            self.shape_buckets == "off" or self.backend in ("onnxruntime", "openvino")
         ):
             raise ValueError(
-                "cuda_graphs 'on' captures the fixed shapes of shape buckets with the eager or "
-                "channels_last backend (compile modes 'reduce-overhead' and 'max-autotune' "
-                "capture their own)"
+                "cuda_graphs 'on' captures the fixed shapes of shape buckets with a PyTorch "
+                "backend (eager, channels_last or compile)"
             )
         return self
 
     def graphs_on(self, device: torch.device) -> bool:
         """Whether the runner captures CUDA graphs on `device` (`auto`: CUDA, buckets on,
-        an eager or channels_last backend)."""
+        a PyTorch backend)."""
         fits = (
             device.type == "cuda"
             and self.buckets_on(device)
-            and self.backend in ("auto", "eager", "channels_last")
+            and self.backend in ("auto", "eager", "channels_last", "compile")
         )
         if self.cuda_graphs == "on" and device.type != "cuda":
             raise ValueError(f"cuda_graphs 'on' needs a CUDA device, not {device}")

@@ -93,18 +93,16 @@ def test_bench_reports_the_shapes_the_device_ran(weights_dir: Path, datasets_dir
 
 
 def bucketed_settings(weights_dir: Path, **extra: Any) -> Settings:
-    """CPU, buckets on, small tiles (64 px for x4), no warm-up: the bucketed path quickly."""
-    return Settings(
-        **CPU,
-        weights_dir=weights_dir,
-        shape_buckets="on",
-        warmup=False,
-        tile_max_pixels=64 * 64,
-        tile_padding=16,
-        max_batch_size=4,
-        max_batch_wait_ms=20,
-        **extra,
-    )
+    """CPU, buckets on, small tiles (64 px for x4), no warm-up unless `extra` says: the
+    bucketed path quickly."""
+    options: dict[str, Any] = {
+        "warmup": False,
+        "tile_max_pixels": 64 * 64,
+        "tile_padding": 16,
+        "max_batch_size": 4,
+        "max_batch_wait_ms": 20,
+    }
+    return Settings(**CPU, weights_dir=weights_dir, shape_buckets="on", **(options | extra))
 
 
 @pytest.fixture(scope="module")
@@ -237,22 +235,30 @@ def test_a_request_that_can_never_fit_is_413_at_once(weights_dir: Path, datasets
 
 
 def test_frame_buckets_run_a_large_image_whole() -> None:
-    """A frame bucket takes an image larger than a tile whole, padded, instead of tiling
-    it; images that fit no frame still tile, small ones keep the tile buckets."""
+    """A frame bucket takes an image larger than a tile whole, instead of tiling it: at
+    the very size named (rounded up to the size rule only), so that a frame of that size
+    fills it; images that fit no frame still tile, small ones keep the tile buckets."""
     planner = Planner(
         tile_max_pixels=256 * 256,
         tile_padding=32,
         buckets=True,
         max_batch=8,
-        frames=((1080, 1920), (1920, 1080)),
+        frames=((1080, 1920), (1920, 1080), (1082, 1918)),
     )
-    assert planner.frame_shapes(1) == [(1088, 1920), (1920, 1088)]
+    assert planner.frame_shapes(1) == [(1080, 1920), (1082, 1918), (1920, 1080)]
+    assert planner.frame_shapes(4) == [(1080, 1920), (1084, 1920), (1920, 1080)]
     assert set(planner.frame_shapes(1)) <= set(planner.shapes(1))
-    for size in ((1080, 1920), (1000, 1500), (300, 1920)):
+    # the shapes whose crops fill them: the tile grid's, and the frames
+    assert planner.full_shapes(1) == [(256, 256), (1080, 1920), (1082, 1918), (1920, 1080)]
+    exact = planner.plan(1080, 1920, 1)
+    assert (len(exact.crops.crops), exact.shape, exact.padded) == (1, (1080, 1920), False)
+    for size in ((1000, 1500), (300, 1920)):
         plan = planner.plan(*size, 1)
-        assert (len(plan.crops.crops), plan.shape) == (1, (1088, 1920)), size
-    assert planner.plan(1920, 1080, 1).shape == (1920, 1088)
+        assert (len(plan.crops.crops), plan.shape, plan.padded) == (1, (1080, 1920), True)
+    assert planner.plan(1920, 1080, 1).shape == (1920, 1080)
     assert len(planner.plan(1200, 1920, 1).crops.crops) > 1  # fits no frame: tiles
+    tiles = planner.plan(2000, 3000, 1)
+    assert (tiles.shape, tiles.padded) == ((256, 256), False)  # a grid's crops fill the tile
     assert planner.plan(100, 200, 1).shape == (128, 256)  # fits a tile bucket
     off = Planner(
         tile_max_pixels=256 * 256,
@@ -261,36 +267,76 @@ def test_frame_buckets_run_a_large_image_whole() -> None:
         max_batch=8,
         frames=((1080, 1920),),
     )
-    assert off.frame_shapes(1) == [] and len(off.plan(1080, 1920, 1).crops.crops) > 1
+    assert off.frame_shapes(1) == [] and off.full_shapes(1) == []
+    assert len(off.plan(1080, 1920, 1).crops.crops) > 1
 
 
-def test_frame_buckets_in_the_engine_warm_at_batch_one_and_match_the_whole_image(
+class PathRecorder:
+    """Wraps a loaded model's forwards after warm-up: which batch shapes ran the plain
+    network and which the masked forward."""
+
+    def __init__(self, engine: Engine, name: str) -> None:
+        self.plain: list[tuple[int, ...]] = []
+        self.masked: list[tuple[int, ...]] = []
+        self.unwarmed: list[tuple[int, ...]] = []
+        model = engine.runner.models[name]
+        model.forward = self._wrap(model.forward, self.plain)
+        model.masked = self._wrap(model.masked, self.masked)
+        model.masked_eager = self._wrap(model.masked_eager, self.unwarmed)
+
+    @staticmethod
+    def _wrap(fn: Any, calls: list[tuple[int, ...]]) -> Any:
+        def recorded(x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+            calls.append(tuple(x.shape))
+            return fn(x, *rest)  # type: ignore[no-any-return]
+
+        return recorded
+
+
+def test_full_crops_run_the_plain_network_and_padded_ones_the_masked_forward(
     weights_dir: Path, datasets_dir: Path, official_model
 ) -> None:  # type: ignore[no-untyped-def]
-    """With a 96x128 frame bucket over 64-px tiles, a 90x120 image runs as one padded crop
-    (the masked forward: within rounding of the unpadded forward), two at once too, and
-    the frame is warmed at batch size 1 only."""
-    settings = bucketed_settings(weights_dir, models=["x4"], frame_buckets=["90x120"])
-    lr = read_rgb(datasets_dir / "Set14" / "HR" / "comic.png")[:90, :120]
-    other = read_rgb(datasets_dir / "Set14" / "HR" / "baboon.png")[:88, :100]
+    """Buckets of 32 and 64 px and a 90x120 frame bucket for x4, warmed. A frame of that
+    very size and a tile grid's crops fill their shapes: they run the plain network
+    (exactly the whole-image forward for the frame); a smaller frame and a small image
+    are padded and run the masked forward (>= 80 dB from it). Frames that meet in a
+    batch each take their own path; the frame is warmed at batch size 1 only."""
+    settings = bucketed_settings(weights_dir, models=["x4"], frame_buckets=["90x120"], warmup=True)
+    comic = read_rgb(datasets_dir / "Set14" / "HR" / "comic.png")
+    baboon = read_rgb(datasets_dir / "Set14" / "HR" / "baboon.png")
+    frame, smaller, large, small = (
+        comic[:90, :120],
+        baboon[:88, :100],
+        comic[:150, :150],
+        baboon[:40, :50],
+    )
 
-    async def go() -> list[UpscaleResult]:
+    async def go() -> tuple[list[UpscaleResult], PathRecorder]:
         engine = Engine(settings)
         await engine.start()
         try:
             model = engine.runner.models["x4"]
             warm = engine.runner.warm_batches(model)
-            assert [b for b, h, w in warm if (h, w) == (96, 128)] == [1]
+            assert [b for b, h, w in warm if (h, w) == (90, 120)] == [1]
             assert {(h, w) for _, h, w in warm} == set(engine.planner.shapes(1))
-            results = await asyncio.gather(engine.upscale(lr, 4), engine.upscale(other, 4))
-            assert engine.batch_shapes["x4"] == {(96, 128)}
-            return list(results)
+            assert model.warm_full == {(1, 3, 90, 120), *((b, 3, 64, 64) for b in (1, 2, 4))}
+            paths = PathRecorder(engine, "x4")
+            frames = await asyncio.gather(engine.upscale(frame, 4), engine.upscale(smaller, 4))
+            tiled = await engine.upscale(large, 4)
+            padded = await engine.upscale(small, 4)
+            assert engine.batch_shapes["x4"] == {(90, 120), (64, 64)}
+            return [*frames, tiled, padded], paths
         finally:
             await engine.stop()
 
-    for image, result in zip((lr, other), asyncio.run(go()), strict=True):
-        assert result.crops == 1
-        assert psnr(result.image, whole_forward(official_model("x4"), image)) >= 80
+    (by_frame, by_smaller, by_tiles, by_padding), paths = asyncio.run(go())
+    assert paths.plain == [(1, 3, 90, 120)] + [(4, 3, 64, 64)] * (by_tiles.crops // 4)
+    assert paths.masked == [(1, 3, 90, 120), (1, 3, 64, 64)] and paths.unwarmed == []
+    x4 = official_model("x4")
+    np.testing.assert_array_equal(by_frame.image, whole_forward(x4, frame))
+    assert psnr(by_smaller.image, whole_forward(x4, smaller)) >= 80
+    assert by_tiles.crops == 16 and psnr(by_tiles.image, whole_forward(x4, large)) >= 45
+    assert psnr(by_padding.image, whole_forward(x4, small)) >= 80
 
 
 def test_frame_buckets_are_height_x_width(weights_dir: Path) -> None:

@@ -44,6 +44,9 @@ def run_engine(settings: Settings, images: list[np.ndarray], scale: float) -> li
                 if settings.graphs_on(engine.device):
                     assert isinstance(loaded.masked, GraphedForward)
                     assert loaded.masked.shapes == loaded.warm_shapes
+                    if loaded.backend != "compile":  # the plain forward of full crops too
+                        assert isinstance(loaded.forward, GraphedForward)
+                        assert loaded.forward.shapes == loaded.warm_full
             return [r.image for r in results]
         finally:
             await engine.stop()
@@ -122,13 +125,16 @@ def test_modes_and_depths_on_cuda(weights_dir: Path, datasets_dir: Path) -> None
 
 
 def test_buckets_keep_large_images_close_to_whole(weights_dir: Path, datasets_dir: Path) -> None:
-    """A Set14 image tiled into fixed 128-px crops on CUDA in fp16: >= 45 dB from the same
-    image run whole (one padded 512-px crop) in fp16, so the bar measures tiling, not
+    """A Set14 image on CUDA in fp16, tiled into fixed 128-px crops (full: the plain
+    forward, replayed as graphs) and run whole in a frame bucket of its very size (the
+    plain forward): each >= 45 dB from the same image run whole, padded into one 512-px
+    crop (the masked forward) in fp16, so the bar measures tiling and the path, not
     fp16's own rounding (Set5 above holds fp16 to the fp32 forward). On the CPU in fp32
     the same tiling is 54.2 dB from the whole image; tiling costs more on busier images
     (the half-size comic at 128 px: 44.9 dB, the same on an H200 in fp16)."""
     lr = read_rgb(datasets_dir / "Set14" / "HR" / "comic.png")
-    tiled, whole = (
+    frame = f"{lr.shape[0]}x{lr.shape[1]}"
+    tiled, framed, whole = (
         run_engine(
             Settings(
                 weights_dir=weights_dir,
@@ -136,11 +142,13 @@ def test_buckets_keep_large_images_close_to_whole(weights_dir: Path, datasets_di
                 device="cuda",
                 precision="fp16",
                 tile_max_pixels=side * side,
+                frame_buckets=frames,
             ),
             [lr],
             2,
         )[0]
-        for side in (128, 512)
+        for side, frames in ((128, []), (128, [frame]), (512, []))
     )
-    assert tiled.shape == whole.shape == (lr.shape[0] * 2, lr.shape[1] * 2, 3)
+    assert tiled.shape == framed.shape == whole.shape == (lr.shape[0] * 2, lr.shape[1] * 2, 3)
     assert psnr(tiled, whole) >= 45
+    assert psnr(framed, whole) >= 45

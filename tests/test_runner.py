@@ -52,9 +52,12 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     return rec
 
 
-def test_compile_backend_warms_every_shape_and_keeps_its_cache(
+def test_compile_backend_compiles_the_full_shapes_and_keeps_its_cache(
     weights_dir: Path, tmp_path: Path, recorder: Recorder
 ) -> None:
+    """The compile backend compiles the plain forward once, and warm-up runs it at each
+    full shape (the 32-px tile at every batch size); padded crops run the masked forward
+    eager, never compiled. A tiled image's full crops run the compiled forward."""
     settings = Settings(
         device="cpu",
         weights_dir=weights_dir,
@@ -65,34 +68,38 @@ def test_compile_backend_warms_every_shape_and_keeps_its_cache(
         tile_padding=8,
         max_batch_size=4,
     )
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    large = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
 
-    async def serve_one() -> Engine:
+    async def serve() -> tuple[Engine, list[tuple[int, ...]], np.ndarray]:
         engine = Engine(settings)
         await engine.start()
         try:
-            image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
-            result = await engine.upscale(image, 4)
-            assert result.image.shape == (80, 120, 3)
+            warm_calls = list(recorder.calls)
+            assert (await engine.upscale(small, 4)).image.shape == (80, 120, 3)
+            assert recorder.calls == warm_calls  # padded: the masked forward, eager
+            tiled = await engine.upscale(large, 4)
+            assert recorder.calls[len(warm_calls) :] == [(4, 3, 32, 32)]  # its four tiles
         finally:
             await engine.stop()
-        return engine
+        return engine, warm_calls, tiled.image
 
-    engine = asyncio.run(serve_one())
+    engine, warm_calls, tiled = asyncio.run(serve())
     model = engine.models["x4"]
     assert recorder.compiled == [{"mode": "max-autotune-no-cudagraphs", "dynamic": False}]
     shapes = engine.planner.shapes(1)
     assert shapes == [(16, 16), (16, 32), (32, 16), (32, 32)]
-    expected = {(b, 3, h, w) for h, w in shapes for b in (1, 2, 4)}
-    assert model.warm_shapes == expected
-    # warm-up ran each (shape, batch) through the compiled function (twice: compile, time)
-    assert {c for c in recorder.calls[: 2 * len(expected)]} == expected
-    # the request (20x30 -> one crop padded to 32x32, batch padded to 1) used it too
-    assert recorder.calls[-1] == (1, 3, 32, 32)
+    assert model.warm_shapes == {(b, 3, h, w) for h, w in shapes for b in (1, 2, 4)}
+    full = {(b, 3, 32, 32) for b in (1, 2, 4)}
+    assert model.warm_full == full and set(warm_calls) == full and len(warm_calls) == 3
+    assert tiled.shape == (160, 160, 3)  # its quality: tests/test_engine.py, full crops
     assert (tmp_path / "cache" / MEGACACHE_FILE).read_bytes() == b"kernels"
     assert recorder.loaded == []  # nothing saved before this start
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
 
-    asyncio.run(serve_one())  # a restart loads what the first run saved
+    recorder.calls.clear()
+    asyncio.run(serve())  # a restart loads what the first run saved
     assert recorder.loaded == [b"kernels"]
 
 
@@ -101,16 +108,17 @@ def test_compile_without_buckets_is_refused(weights_dir: Path) -> None:
         Settings(weights_dir=weights_dir, backend="compile", shape_buckets="off")
 
 
-def test_cuda_graphs_need_cuda_buckets_and_a_plain_torch_backend(weights_dir: Path) -> None:
-    """CUDA graphs capture the fixed shapes of buckets: refused without them, with a
-    backend that captures its own (compile) or runs elsewhere; 'auto' is off on the CPU."""
-    for conflict in ({"shape_buckets": "off"}, {"backend": "compile"}):
-        with pytest.raises(ValueError, match="cuda_graphs 'on' captures"):
-            Settings(weights_dir=weights_dir, cuda_graphs="on", **conflict)  # type: ignore[arg-type]
-    cpu = torch.device("cpu")
+def test_cuda_graphs_need_cuda_buckets_and_a_pytorch_backend(weights_dir: Path) -> None:
+    """CUDA graphs capture the fixed shapes of buckets: refused without them; 'auto' is
+    off on the CPU, on with CUDA for every PyTorch backend (with compile, for the masked
+    forward)."""
+    with pytest.raises(ValueError, match="cuda_graphs 'on' captures"):
+        Settings(weights_dir=weights_dir, cuda_graphs="on", shape_buckets="off")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
     auto = Settings(weights_dir=weights_dir, cuda_graphs="auto", shape_buckets="on")
     assert not auto.graphs_on(cpu)
-    assert auto.graphs_on(torch.device("cuda"))  # what the runner asks on a CUDA host
+    assert auto.graphs_on(cuda)  # what the runner asks on a CUDA host
+    assert Settings(weights_dir=weights_dir, backend="compile").graphs_on(cuda)
     assert not Settings(weights_dir=weights_dir, cuda_graphs="auto").graphs_on(cpu)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         Settings(weights_dir=weights_dir, cuda_graphs="on").graphs_on(cpu)

@@ -21,8 +21,8 @@ runtimes execute as a slow copy (~5 % of OpenVINO's time; ~9 % faster under ONNX
 
 - ``compile``: `torch.compile` of the module (static shapes; mode from `compile_mode`,
   by default ``max-autotune-no-cudagraphs``), channels-last on CUDA. Meant for CUDA with
-  fixed shape buckets: each (shape, batch size) is compiled once during warm-up (the
-  service falls back to the same module, eager, for a shape it did not warm). On the
+  fixed shape buckets: the service compiles the plain forward of each full (shape, batch
+  size) during warm-up, and runs padded crops and shapes it did not warm eager. On the
   CPU it works but compiles slowly (23-65 s per shape) and was not faster than
   OpenVINO (docs/benchmarks.md).
 
@@ -129,35 +129,22 @@ def prepare(
 
 
 def prepare_masked(
-    model: IMDN,
-    backend: str,
-    device: torch.device,
-    dtype: torch.dtype,
-    *,
-    compile_mode: CompileMode = "max-autotune-no-cudagraphs",
+    model: IMDN, backend: str, device: torch.device, dtype: torch.dtype
 ) -> MaskedForward:
-    """`models.networks.masked.masked_forward` of `model` (moved to `device` and `dtype` in place),
-    run by `backend`: what fixed-shape batches of padded crops run. The exported
-    backends have no masked form."""
+    """`models.networks.masked.masked_forward` of `model` (moved to `device` and `dtype` in
+    place), eager, in the layout of `backend` (eager or channels_last): what batches with
+    padded crops run under shape buckets. It is not compiled: the compile backend compiles
+    the plain forward of crops that fill their shape (tile grids, frames), where the time
+    goes, and the masked one took minutes per model to compile on an H200."""
     name = resolve_backend(backend, device)
-    network = model.to(device, dtype=dtype).eval()
-    fmt = torch.contiguous_format
-    if name == "channels_last" or (name == "compile" and device.type == "cuda"):
-        fmt = torch.channels_last
-        network = network.to(memory_format=fmt)  # type: ignore[call-overload]
-    elif name != "eager" and name != "compile":
+    if name not in ("eager", "channels_last"):
         raise BackendUnavailable(f"backend {name!r} cannot run padded crops (shape buckets)")
-
-    def run(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        return masked_forward(network, x.contiguous(memory_format=fmt), valid)
-
-    step: MaskedForward = run
-    if name == "compile":
-        step = torch.compile(run, mode=compile_mode, dynamic=False)
+    fmt = torch.channels_last if name == "channels_last" else torch.contiguous_format
+    network = model.to(device, dtype=dtype).eval().to(memory_format=fmt)  # type: ignore[call-overload]
 
     def forward(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return step(x, valid).contiguous()
+            return masked_forward(network, x.contiguous(memory_format=fmt), valid).contiguous()
 
     return forward
 
