@@ -40,8 +40,10 @@ python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.i
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
 quick=()
 python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || quick=(--quick)
+frames='["1080x1920"]'  # a frame bucket of the frame the targets send (--quick sends 68x120)
+[ ${#quick[@]} -eq 0 ] || frames='["68x120"]'
 steps=("$@")
-[ $# -gt 0 ] || steps=(gpu_tests targets targets_frames suite_device gpu_compile_test)
+[ $# -gt 0 ] || steps=(gpu_tests targets targets_frames frames_compiled suite_device gpu_compile_test)
 for s in "${steps[@]}"; do
   case $s in
   gpu_tests)  # fp16 Set5 PSNR within 0.02 dB of fp32, modes, tiles (eager)
@@ -51,12 +53,17 @@ for s in "${steps[@]}"; do
   targets)  # the issue's targets with the CUDA defaults (fp16, buckets, CUDA graphs), py-spy'd
     step targets 100 python3 -m bench.gpu_targets "${quick[@]}" --profile "$O/profile"
     tail -n 27 "$O/targets.txt" ;;
-  targets_frames)  # the same with a whole-frame bucket for the 1080p frames
-    step targets_frames 90 env IMDN_FRAME_BUCKETS='["1080x1920"]' python3 -m bench.gpu_targets \
+  targets_frames)  # the same with a whole-frame bucket for the 1080p frames (the plain forward)
+    step targets_frames 90 env IMDN_FRAME_BUCKETS="$frames" python3 -m bench.gpu_targets \
       "${quick[@]}"
     tail -n 27 "$O/targets_frames.txt" ;;
-  gpu_compile_test)  # the compiled backend through the engine: 12 graphs, mode default
-    step gpu_compile_test 240 python3 -m pytest -q -p no:cacheprovider -o addopts= \
+  frames_compiled)  # the 4K target alone, its frame's plain forward compiled (x2: 4 graphs)
+    step frames_compiled 120 env IMDN_FRAME_BUCKETS="$frames" IMDN_BACKEND=compile \
+      IMDN_COMPILE_MODE=default IMDN_MAX_BATCH_SIZE=4 python3 -m bench.gpu_targets \
+      "${quick[@]}" --frames-only
+    tail -n 6 "$O/frames_compiled.txt" ;;
+  gpu_compile_test)  # the compiled backend through the engine: x4's 3 full graphs, mode default
+    step gpu_compile_test 120 python3 -m pytest -q -p no:cacheprovider -o addopts= \
       -k compile tests/test_gpu.py
     grep -E "compiled|passed|failed|Error" "$O/gpu_compile_test.txt" | tail -n 8 ;;
   compiled)  # the frame's forward compiled with inductor's freezing

@@ -2,6 +2,7 @@
 
     python -m bench.gpu_targets              # on a CUDA host: the issue's sizes
     python -m bench.gpu_targets --quick      # anywhere: small inputs, a smoke run
+    python -m bench.gpu_targets --frames-only  # (4) alone, from a server of x2 only
 
 Prints, against each target: (1) the x2 forward of a 1920x1080 frame on the device,
 eager and (with --compile MODE...) compiled; (2) `Engine.upscale` on Set14 at x4 the first time
@@ -270,27 +271,25 @@ def profiled(served: Served, folder: Path, work: Callable[[], object]) -> None:
     loader.join()
 
 
-def http_rows(sizes: Sizes, in_process: float, profile: Path | None) -> list[Row]:
+def http_rows(sizes: Sizes, in_process: float | None, profile: Path | None) -> list[Row]:
+    """(3) against `in_process`, then (4); (4) alone, from a server of x2 only, when
+    `in_process` is None (--frames-only: a compiled backend then compiles one model)."""
+    with server(["x2"] if in_process is None else ["x2", "x3"]) as served:
+        rows = [] if in_process is None else set14_rows(served, sizes, in_process, profile)
+        return rows + frame_rows(served.url, sizes)
+
+
+def set14_rows(served: Served, sizes: Sizes, in_process: float, profile: Path | None) -> list[Row]:
     bodies = [encoded(lr, "PNG") for lr in photos(sizes, 3)]
-    big = encoded(frame(sizes), "JPEG")
     low, high = sizes.clients
-    with server(["x2", "x3"]) as served:
-        url = served.url
-        load(url, bodies, 3, 1, len(bodies))  # warm the whole path
-        small = {n: load(url, bodies, 3, n, 2 * max(len(bodies), n)) for n in (low, high)}
-        rps_low, rps_high = (small[n].images_per_second for n in (low, high))
-        if profile is not None:
-            profiled(served, profile, lambda: load(url, bodies, 3, high, 20 * high))
-        load(url, [big], 2, 1, 1)
-        one_at_a_time = load(url, [big], 2, 1, sizes.repeats)
-        many = load(url, [big], 2, sizes.big_clients, 2 * sizes.big_clients)
-        rps_big = many.images_per_second
+    url = served.url
+    load(url, bodies, 3, 1, len(bodies))  # warm the whole path
+    small = {n: load(url, bodies, 3, n, 2 * max(len(bodies), n)) for n in (low, high)}
+    rps_low, rps_high = (small[n].images_per_second for n in (low, high))
+    if profile is not None:
+        profiled(served, profile, lambda: load(url, bodies, 3, high, 20 * high))
     for n, run in small.items():
         print(f"  {sizes.dataset} x3, {n} clients: {phase_line(run)}")
-    h, w = sizes.frame
-    median_ms = 1000 * percentile(one_at_a_time.latencies, 50)
-    for name, run in (("one at a time", one_at_a_time), (f"{sizes.big_clients} clients", many)):
-        print(f"  {w}x{h} x2, {name}: {phase_line(run)}")
     return [
         Row(f"HTTP {sizes.dataset} x3, {low} clients", rps_low, "requests/s", "", None),
         Row(
@@ -308,6 +307,19 @@ def http_rows(sizes: Sizes, in_process: float, profile: Path | None) -> list[Row
             ">= 0.6",
             rps_high / in_process >= 0.6,
         ),
+    ]
+
+
+def frame_rows(url: str, sizes: Sizes) -> list[Row]:
+    big = encoded(frame(sizes), "JPEG")
+    load(url, [big], 2, 1, 1)
+    one_at_a_time = load(url, [big], 2, 1, sizes.repeats)
+    many = load(url, [big], 2, sizes.big_clients, 2 * sizes.big_clients)
+    h, w = sizes.frame
+    median_ms = 1000 * percentile(one_at_a_time.latencies, 50)
+    for name, run in (("one at a time", one_at_a_time), (f"{sizes.big_clients} clients", many)):
+        print(f"  {w}x{h} x2, {name}: {phase_line(run)}")
+    return [
         Row(
             f"HTTP {w}x{h} JPEG x2 -> PNG, one at a time (median)",
             median_ms,
@@ -317,10 +329,10 @@ def http_rows(sizes: Sizes, in_process: float, profile: Path | None) -> list[Row
         ),
         Row(
             f"HTTP {w}x{h} JPEG x2 -> PNG, {sizes.big_clients} clients",
-            rps_big,
+            many.images_per_second,
             "requests/s",
             ">= 20/s",
-            rps_big >= 20,
+            many.images_per_second >= 20,
         ),
     ]
 
@@ -351,6 +363,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--forward-only", action="store_true", help="the frame's forward alone")
     parser.add_argument("--skip-http", action="store_true", help="in-process figures only")
     parser.add_argument(
+        "--frames-only", action="store_true", help="the 1080p JPEG -> 4K PNG over HTTP alone"
+    )
+    parser.add_argument(
         "--profile", type=Path, metavar="DIR", help="py-spy samples of the server under load"
     )
     parser.add_argument("--json", action="store_true")
@@ -373,8 +388,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
         inductor.freezing = True
         print("inductor freezing on")
     print(f"{'what':<58} {'figure':>10} {'unit':<10} {'target':<22}")
-    rows = shown(forward_rows(sizes, settings, args.compile))
-    if not args.forward_only:
+    if args.frames_only:
+        rows = shown(http_rows(sizes, None, None))
+    else:
+        rows = shown(forward_rows(sizes, settings, args.compile))
+    if not (args.forward_only or args.frames_only):
         engine, in_process = asyncio.run(engine_rows(sizes, settings))
         rows += shown(engine)
         if not args.skip_http:

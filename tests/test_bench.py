@@ -89,6 +89,17 @@ def test_gpu_targets_quick_run_prints_every_target(
     assert all(r.line() in out for r in rows)
 
 
+def test_gpu_targets_frames_only_measures_the_4k_target_alone(
+    weights_dir: Path, datasets_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--frames-only`: the JPEG -> PNG rows alone (from a server of x2 only, which is all
+    a compiled backend then compiles), nothing of the forward or Set14 parts."""
+    rows = gpu_targets.main(["--quick", "--frames-only"])
+    assert [r.unit for r in rows] == ["ms", "requests/s"], rows
+    assert all("JPEG x2 -> PNG" in r.what and r.figure > 0 for r in rows)
+    assert "forward, eager" not in capsys.readouterr().out
+
+
 def test_the_load_generator_spreads_clients_over_processes(
     weights_dir: Path, datasets_dir: Path
 ) -> None:
