@@ -129,12 +129,14 @@ class Engine:
             for batch, h, w, seconds in self.runner.warm_timings.get(name, []):
                 batcher.throughput.observe(name, batch * h * w, seconds, warm_up=True)
             log.info(
-                "model %s (backend %s) loaded in %.2fs, warm in %.2fs (%d warm-up shapes)",
+                "model %s (backend %s) loaded in %.2fs, warm in %.2fs (%d warm-up shapes, "
+                "%d of them full: the plain forward too)",
                 name,
                 m.backend,
                 m.load_seconds,
                 m.warmup_seconds,
                 len(self.runner.warm_batches(m)) if self.settings.warmup else 0,
+                len(m.warm_full),
             )
         self.runner.shapes_run.clear()  # count what requests run, not the warm-up
         batcher.start()
