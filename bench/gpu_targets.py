@@ -103,13 +103,18 @@ def encoded(rgb: np.ndarray, fmt: str) -> bytes:
 
 
 def forward_rows(sizes: Sizes, settings: Settings, compile_modes: list[CompileMode]) -> list[Row]:
-    """The x2 frame's forward, eager and then compiled in each of `compile_modes`."""
+    """The x2 frame's forward, eager (NCHW and channels-last), then compiled in each of
+    `compile_modes`; cuDNN's autotuning on where the engine turns it on (with buckets):
+    a frame of its bucket's size runs this very forward in the service."""
     device = resolve_device(settings.device)
     dtype = precision_dtype(settings.precision, device, prefer_bf16=False)
     sync = synchronizer(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = settings.buckets_on(device)
+        print(f"cudnn.benchmark {torch.backends.cudnn.benchmark}")
     x = torch.from_numpy(frame(sizes)).permute(2, 0, 1).unsqueeze(0).to(device, dtype) / 255
     rows = []
-    variants: list[tuple[str, CompileMode]] = [("eager", "default")]
+    variants: list[tuple[str, CompileMode]] = [("eager", "default"), ("channels_last", "default")]
     variants += [("compile", mode) for mode in compile_modes]
     for backend, mode in variants:
         network = load_official("x2", WEIGHTS)
@@ -128,7 +133,7 @@ def forward_rows(sizes: Sizes, settings: Settings, compile_modes: list[CompileMo
         rows.append(
             Row(
                 f"x2 {sizes.frame[1]}x{sizes.frame[0]} forward, "
-                f"{backend if backend == 'eager' else mode} "
+                f"{mode if backend == 'compile' else backend} "
                 f"(first call {prepared:.1f}s)",
                 1000 / ms,
                 "frames/s",

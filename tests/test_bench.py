@@ -85,7 +85,8 @@ def test_gpu_targets_quick_run_prints_every_target(
     assert any("sizes never seen" in w for w in whats) and any("seen before" in w for w in whats)
     assert any("HTTP / in-process" in w for w in whats)
     assert any("JPEG x2 -> PNG, one at a time" in w for w in whats)
-    assert len(rows) == 10 and all(r.figure > 0 for r in rows), rows
+    assert any("forward, channels_last" in w for w in whats)
+    assert len(rows) == 11 and all(r.figure > 0 for r in rows), rows
     assert all(r.line() in out for r in rows)
 
 
