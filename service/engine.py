@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from models.quality.matlab import imresize_tensor
 from models.runtime import acs
+from models.runtime.device import side_stream
 from service import pixels
 from service.batcher import Batcher, BatchOutcome, Key, Slice
 from service.errors import (
@@ -241,7 +242,21 @@ class Engine:
         bits: int,
     ) -> tuple[Job, torch.Tensor, tuple[int, int]]:
         """Upload, normalise, resize (IMDN_AS) and cut into padded crops on the device, as
-        `plan` says; and the request's integer canvas with the `paste` that fills it."""
+        `plan` says; and the request's integer canvas with the `paste` that fills it. On
+        CUDA this runs on a side stream, beside the forward in flight, and is complete on
+        return."""
+        with side_stream(self.device):
+            return self._prepare_on_stream(model, plan, image, target, grey, bits)
+
+    def _prepare_on_stream(
+        self,
+        model: LoadedModel,
+        plan: Plan,
+        image: np.ndarray,
+        target: tuple[int, int],
+        grey: bool,
+        bits: int,
+    ) -> tuple[Job, torch.Tensor, tuple[int, int]]:
         x = pixels.to_unit(image, self.device)
         # IMDN_AS restores a bicubic-upscaled image of the target size
         if model.descriptor.any_scale:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from models.runtime.device import side_stream
+
 # BT.601 luma, as `service.imaging.compose` weighs the planes (float32 constants)
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -61,11 +63,13 @@ def quantise(y: torch.Tensor, *, grey: bool, bits: int) -> torch.Tensor:
 
 def to_host(canvas: torch.Tensor, bits: int) -> np.ndarray:
     """A (C, H, W) integer tensor as an HxWxC uint8/uint16 array on the host (through
-    pinned memory on CUDA)."""
+    pinned memory on CUDA, on a side stream: the canvas is complete, and the copy need
+    not wait for the forward the device thread runs meanwhile)."""
     hwc = canvas.permute(1, 2, 0)
     if canvas.device.type == "cuda":
         host = torch.empty(hwc.shape, dtype=hwc.dtype, pin_memory=True)
-        host.copy_(hwc)
+        with side_stream(canvas.device):
+            host.copy_(hwc)
         array = host.numpy()
     else:
         array = hwc.contiguous().numpy()

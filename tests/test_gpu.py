@@ -18,6 +18,7 @@ from PIL import Image
 
 from models.quality.evaluate import list_images, read_rgb
 from models.quality.matlab import modcrop, psnr, rgb_to_y
+from models.runtime.device import side_stream
 from models.runtime.graphs import GraphedForward
 from service import imaging
 from service.engine import Engine
@@ -152,3 +153,22 @@ def test_buckets_keep_large_images_close_to_whole(weights_dir: Path, datasets_di
     assert tiled.shape == framed.shape == whole.shape == (lr.shape[0] * 2, lr.shape[1] * 2, 3)
     assert psnr(tiled, whole) >= 45
     assert psnr(framed, whole) >= 45
+
+
+def test_request_threads_copy_beside_the_forward_in_flight() -> None:
+    """`side_stream`: a copy back to the host finishes while the default stream (where
+    the device thread's forwards run) is still busy, and its bytes are complete."""
+    cuda = torch.device("cuda")
+    n = 1 << 22
+    on_device = torch.arange(n, device=cuda, dtype=torch.int32)
+    host = torch.empty(n, dtype=torch.int32, pin_memory=True)
+    torch.cuda.synchronize(cuda)
+    default = torch.cuda.current_stream(cuda)
+    torch.cuda._sleep(2_000_000_000)  # about a second of a busy default stream
+    with side_stream(cuda):
+        assert torch.cuda.current_stream(cuda) != default
+        host.copy_(on_device)
+    assert torch.cuda.current_stream(cuda) == default
+    assert not default.query(), "the default stream should still be busy"
+    assert int(host[-1]) == n - 1 and int(host[12345]) == 12345
+    torch.cuda.synchronize(cuda)
