@@ -310,8 +310,10 @@ class DeviceRunner:
             self._busy_since = None
 
     def _synchronise(self) -> None:
+        """Wait for this thread's stream (the batch and its pastes), not for the request
+        threads' side streams (models.runtime.device.side_stream) beside it."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
 
     def _forward_splitting(
         self, model: LoadedModel, crops: torch.Tensor, valid: torch.Tensor, full: bool

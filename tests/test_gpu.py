@@ -172,3 +172,29 @@ def test_request_threads_copy_beside_the_forward_in_flight() -> None:
     assert not default.query(), "the default stream should still be busy"
     assert int(host[-1]) == n - 1 and int(host[12345]) == 12345
     torch.cuda.synchronize(cuda)
+
+
+def test_concurrent_requests_match_one_at_a_time(weights_dir: Path, datasets_dir: Path) -> None:
+    """Set5 at x4 and a tiled Set14 image, each sent three times at once (uploads and
+    copies back on side streams while batches run, crops of different requests in one
+    batch): every output within 50 dB of the same image sent alone (fp16, whose batch
+    composition may change the rounding, not the picture)."""
+    lrs = [read_rgb(p) for p in list_images(datasets_dir / "Set5" / "LR_bicubic" / "x4")]
+    lrs.append(read_rgb(datasets_dir / "Set14" / "HR" / "comic.png"))
+    settings = Settings(weights_dir=weights_dir, models=["x4"], device="cuda", precision="fp16")
+
+    async def go() -> tuple[list[np.ndarray], list[np.ndarray]]:
+        engine = Engine(settings)
+        await engine.start()
+        try:
+            alone = [(await engine.upscale(lr, 4)).image for lr in lrs]
+            together = await asyncio.gather(*(engine.upscale(lr, 4) for lr in lrs * 3))
+            return alone, [r.image for r in together]
+        finally:
+            await engine.stop()
+
+    alone, together = asyncio.run(go())
+    for i, out in enumerate(together):
+        expected = alone[i % len(lrs)]
+        assert out.shape == expected.shape
+        assert psnr(out, expected) >= 50, i
