@@ -102,10 +102,14 @@ def encoded(rgb: np.ndarray, fmt: str) -> bytes:
 # (1) the forward
 
 
-def forward_rows(sizes: Sizes, settings: Settings, compile_modes: list[CompileMode]) -> list[Row]:
+def forward_rows(
+    sizes: Sizes, settings: Settings, compile_modes: list[CompileMode], kernels: int = 0
+) -> list[Row]:
     """The x2 frame's forward, eager (NCHW and channels-last), then compiled in each of
     `compile_modes`; cuDNN's autotuning on where the engine turns it on (with buckets):
-    a frame of its bucket's size runs this very forward in the service."""
+    a frame of its bucket's size runs this very forward in the service. With `kernels`,
+    each variant's most expensive kernels (torch.profiler, over three forwards) are
+    printed under its name as it is measured: where the frame's time goes."""
     device = resolve_device(settings.device)
     dtype = precision_dtype(settings.precision, device, prefer_bf16=False)
     sync = synchronizer(device)
@@ -130,6 +134,9 @@ def forward_rows(sizes: Sizes, settings: Settings, compile_modes: list[CompileMo
             sync()
             times.append(time.perf_counter() - started)
         ms = 1000 * min(times)
+        if kernels:
+            print(f"  kernels of the {mode if backend == 'compile' else backend} forward:")
+            kernel_table(forward, x, device, kernels)
         rows.append(
             Row(
                 f"x2 {sizes.frame[1]}x{sizes.frame[0]} forward, "
@@ -142,6 +149,26 @@ def forward_rows(sizes: Sizes, settings: Settings, compile_modes: list[CompileMo
             )
         )
     return rows
+
+
+def kernel_table(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    device: torch.device,
+    rows: int,
+) -> None:
+    """The `rows` kernels (or CPU ops, off CUDA) that took the most time in three forwards."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            forward(x)
+        synchronizer(device)()
+    key = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
 
 
 # (2) and the in-process side of (3): the engine
@@ -366,6 +393,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
         help="compile with inductor's freezing (weights as constants, layouts chosen freely)",
     )
     parser.add_argument("--forward-only", action="store_true", help="the frame's forward alone")
+    parser.add_argument(
+        "--kernels",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after each forward row, its N most expensive kernels (torch.profiler)",
+    )
     parser.add_argument("--skip-http", action="store_true", help="in-process figures only")
     parser.add_argument(
         "--frames-only", action="store_true", help="the 1080p JPEG -> 4K PNG over HTTP alone"
@@ -396,7 +430,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.frames_only:
         rows = shown(http_rows(sizes, None, None))
     else:
-        rows = shown(forward_rows(sizes, settings, args.compile))
+        rows = shown(forward_rows(sizes, settings, args.compile, args.kernels))
     if not (args.forward_only or args.frames_only):
         engine, in_process = asyncio.run(engine_rows(sizes, settings))
         rows += shown(engine)
