@@ -241,40 +241,19 @@ class Engine:
         grey: bool,
         bits: int,
     ) -> tuple[Job, torch.Tensor, tuple[int, int]]:
-        """Upload, normalise, resize (IMDN_AS) and cut into padded crops on the device, as
-        `plan` says; and the request's integer canvas with the `paste` that fills it. On
-        CUDA this runs on a side stream, beside the forward in flight, and is complete on
-        return."""
-        with side_stream(self.device):
-            return self._prepare_on_stream(model, plan, image, target, grey, bits)
-
-    def _prepare_on_stream(
-        self,
-        model: LoadedModel,
-        plan: Plan,
-        image: np.ndarray,
-        target: tuple[int, int],
-        grey: bool,
-        bits: int,
-    ) -> tuple[Job, torch.Tensor, tuple[int, int]]:
-        x = pixels.to_unit(image, self.device)
-        # IMDN_AS restores a bicubic-upscaled image of the target size
-        if model.descriptor.any_scale:
-            x = imresize_tensor(x, size=target).clamp_(0, 1)
-        h, w = x.shape[-2:]
-        if (plan.crops.height, plan.crops.width) != (h, w):
-            x = acs.pad_to_multiple(x, model.descriptor.size_multiple)[0]
-        crops = acs.extract(x, plan.crops)
-        crop_h, crop_w = plan.crops.crop_h, plan.crops.crop_w
-        if plan.padded:
-            bucket_h, bucket_w = plan.shape
-            crops = F.pad(crops, (0, bucket_w - crop_w, 0, bucket_h - crop_h), mode="replicate")
+        """The request's crops on the device, as `plan` says, and its integer canvas with
+        the `paste` that fills it. On CUDA the device work runs on a side stream, beside
+        the forward in flight, and is complete on return."""
         s = model.descriptor.scale
-        canvas = torch.empty(
-            (1, 1 if grey else 3, plan.crops.height * s, plan.crops.width * s),
-            dtype=torch.uint8 if bits == 8 else torch.int32,
-            device=self.device,
-        )
+        with side_stream(self.device):
+            crops, (h, w) = self._crops(model, plan, image, target)
+            canvas = torch.empty(
+                (1, 1 if grey else 3, plan.crops.height * s, plan.crops.width * s),
+                dtype=torch.uint8 if bits == 8 else torch.int32,
+                device=self.device,
+            )
+            crop_h, crop_w = plan.crops.crop_h, plan.crops.crop_w
+            valid = torch.tensor([[crop_h, crop_w]], device=self.device).expand(len(crops), 2)
 
         def paste(first: int, outputs: torch.Tensor) -> None:
             quantised = pixels.quantise(
@@ -283,5 +262,22 @@ class Engine:
             for j in range(quantised.shape[0]):
                 acs.paste(canvas, quantised[j : j + 1], plan.crops, first + j, scale=s)
 
-        valid = torch.tensor([[crop_h, crop_w]], device=self.device).expand(crops.shape[0], 2)
         return Job(crops, valid, paste, full=not plan.padded), canvas, (h, w)
+
+    def _crops(
+        self, model: LoadedModel, plan: Plan, image: np.ndarray, target: tuple[int, int]
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The image uploaded, normalised, resized (IMDN_AS) and cut into `plan`'s crops on
+        the device, each padded into the plan's shape; and the size the network sees."""
+        x = pixels.to_unit(image, self.device)
+        # IMDN_AS restores a bicubic-upscaled image of the target size
+        if model.descriptor.any_scale:
+            x = imresize_tensor(x, size=target).clamp_(0, 1)
+        h, w = x.shape[-2:]
+        if (plan.crops.height, plan.crops.width) != (h, w):
+            x = acs.pad_to_multiple(x, model.descriptor.size_multiple)[0]
+        crops = acs.extract(x, plan.crops)
+        if plan.padded:
+            pad_h, pad_w = plan.shape[0] - plan.crops.crop_h, plan.shape[1] - plan.crops.crop_w
+            crops = F.pad(crops, (0, pad_w, 0, pad_h), mode="replicate")
+        return crops, (h, w)
