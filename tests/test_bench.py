@@ -7,9 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
-from bench import gpu_targets, model_vs_machine
+from bench import gpu_targets, model_vs_machine, server_overhead
 from bench.common import http_load_spread
 from models.quality.evaluate import read_rgb
 from service.settings import Settings
@@ -99,6 +100,19 @@ def test_gpu_targets_frames_only_measures_the_4k_target_alone(
     assert [r.unit for r in rows] == ["ms", "requests/s"], rows
     assert all("JPEG x2 -> PNG" in r.what and r.figure > 0 for r in rows)
     assert "forward, eager" not in capsys.readouterr().out
+
+
+def test_server_overhead_measures_the_server_without_its_network(
+    weights_dir: Path, datasets_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python -m bench.server_overhead`: a real server whose x3 network is nearest-
+    neighbour upsampling answers every request at the x3 size; its CPU time per request
+    is measured (the GIL sampling needs py-spy and ptrace: not asserted here)."""
+    load, cpu, gil = server_overhead.measure(clients=2, rounds=1, gil=False)
+    assert len(load.latencies) == 14 and load.images_per_second > 0
+    assert all("inference" in t for t in load.server_timings)
+    assert 0 < cpu < 10 and gil is None
+    assert server_overhead.nearest(torch.zeros(1, 3, 5, 7)).shape == (1, 3, 15, 21)
 
 
 def test_the_load_generator_spreads_clients_over_processes(
