@@ -60,7 +60,8 @@ def first_chunk(pixels: np.ndarray, level: int) -> int:
 
 
 def png_bands(pixels: np.ndarray, threads: int, deflate: imaging.Deflate) -> int:
-    """The parallel band encoder through a pool of `threads`, even for one."""
+    """The parallel band encoder through a pool of `threads`, even for one, in bands of
+    `PNG_BAND_BYTES` (the least band the service's encoder uses)."""
     stream = imaging.png._png_stream_banded(
         pixels, None, 1, STREAM_CHUNK, threads, imaging.PNG_BAND_BYTES, deflate
     )

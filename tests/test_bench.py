@@ -112,7 +112,7 @@ def test_server_overhead_measures_the_server_without_its_network(
     assert len(load.latencies) == 14 and load.images_per_second > 0
     assert all("inference" in t for t in load.server_timings)
     assert 0 < cpu < 10 and gil is None
-    assert server_overhead.nearest(torch.zeros(1, 3, 5, 7)).shape == (1, 3, 15, 21)
+    assert server_overhead.nearest(3)(torch.zeros(1, 3, 5, 7)).shape == (1, 3, 15, 21)
 
 
 def test_the_load_generator_spreads_clients_over_processes(

@@ -175,6 +175,25 @@ def test_banded_png_streams_in_order_with_a_bounded_window(
     stream.close()  # a client that left: no error, the queued bands dropped
 
 
+def test_bands_grow_with_the_image_to_two_a_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each band costs the server time under the GIL: by default a large image is cut into
+    BANDS_PER_THREAD bands a thread, never below PNG_BAND_BYTES; the same pixels."""
+    tops: list[int] = []
+    real = imaging.png._deflate_band
+
+    def counted(job: imaging.png._BandJob, top: int, stop: int) -> imaging.png._Band:
+        tops.append(top)
+        return real(job, top, stop)
+
+    monkeypatch.setattr(imaging.png, "_deflate_band", counted)
+    pixels = photo_like(1200, 1000, 3)  # 3.6 MB of rows
+    for threads, bands in ((2, 2 * imaging.png.BANDS_PER_THREAD), (8, 14)):
+        tops.clear()
+        data = encode(pixels, threads=threads)
+        assert len(tops) == bands, (threads, len(tops))
+        np.testing.assert_array_equal(pixels_of(data), pixels)
+
+
 @pytest.mark.parametrize("level", [1, 2, 3])
 def test_isal_and_zlib_write_the_same_rows(level: int) -> None:
     pixels = photo_like(120, 90, 3)

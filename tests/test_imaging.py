@@ -13,6 +13,7 @@ import pytest
 from PIL import Image, ImageCms, ImageFile, ImageOps, _webp
 
 from service.imaging import (
+    PNG_PIECE_BYTES,
     REASONS,
     DecodedImage,
     ImageError,
@@ -825,10 +826,19 @@ def test_compose_in_bands_equals_quantising_the_whole_image(
 
 def test_encode_png_streams_in_chunks() -> None:
     pixels = np.random.default_rng(5).integers(0, 256, (300, 200, 3), dtype=np.uint8)
-    chunks = list(encode_png(pixels, icc_profile=None, compress_level=1, chunk_bytes=8192))
+    chunks = list(
+        encode_png(pixels, icc_profile=None, compress_level=1, chunk_bytes=8192, piece_bytes=1)
+    )
     assert chunks[0].startswith(b"\x89PNG\r\n\x1a\n") and chunks[0][12:16] == b"IHDR"
     assert len(chunks) > 5 and all(c[4:8] == b"IDAT" for c in chunks[1:-1])
     assert chunks[-1].endswith(_png_chunk(b"IEND", b""))
+    # by default, after the header and the first IDAT, pieces gather half a megabyte
+    # (each costs the server a thread hop and a socket write), the same bytes
+    big = np.random.default_rng(6).integers(0, 256, (1000, 700, 3), dtype=np.uint8)
+    for threads in (1, 4):
+        pieces = list(encode_png(big, threads=threads))
+        assert len(pieces) >= 5 and all(len(p) >= PNG_PIECE_BYTES for p in pieces[2:-1])
+        assert b"".join(pieces) == b"".join(encode_png(big, threads=threads, piece_bytes=1))
     for level in (0, 1, 9):
         with Image.open(io.BytesIO(b"".join(encode_png(pixels, compress_level=level)))) as png:
             np.testing.assert_array_equal(np.asarray(png), pixels)

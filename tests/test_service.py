@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from models.quality.evaluate import read_rgb
 from models.quality.matlab import imresize, modcrop, psnr, rgb_to_y
 from service.api import STREAM_CHUNK, _stream
-from service.imaging import encode_png
+from service.imaging import PNG_PIECE_BYTES, encode_png
 from service.metrics import Metrics
 from service.settings import Settings
 from tests.live import LiveServer, live_server
@@ -186,7 +186,8 @@ def test_the_stream_sends_the_header_before_encoding_and_counts_how_it_ended() -
     assert value("imdn_time_to_first_byte_seconds_count", {"model": "x4"}) == 1
     assert png_encodes() == 0 and recorded == []  # nothing encoded yet
     rest = list(body)
-    assert len(rest) >= 10  # ~790 KB of noise in 64 KB IDAT chunks
+    # ~790 KB of noise: the first IDAT as soon as it is compressed, then half-megabyte pieces
+    assert len(rest) == 3 and len(rest[1]) >= PNG_PIECE_BYTES
     np.testing.assert_array_equal(read_png(first + b"".join(rest)), pixels)
     assert png_encodes() == 1 and len(recorded) == 1 and recorded[0] > 0
     assert value("imdn_requests_total", {"model": "x4", "outcome": "ok"}) == 1

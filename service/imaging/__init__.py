@@ -24,7 +24,14 @@ from service.imaging.errors import (
     UnsupportedImageType,
 )
 from service.imaging.lossy import LOSSY_FORMATS, encode_lossy
-from service.imaging.png import ISAL_LEVELS, PNG_BAND_BYTES, Deflate, adler32_combine, encode_png
+from service.imaging.png import (
+    ISAL_LEVELS,
+    PNG_BAND_BYTES,
+    PNG_PIECE_BYTES,
+    Deflate,
+    adler32_combine,
+    encode_png,
+)
 
 __all__ = [
     "ALLOWED_CONTENT_TYPES",
@@ -32,6 +39,7 @@ __all__ = [
     "ISAL_LEVELS",
     "LOSSY_FORMATS",
     "PNG_BAND_BYTES",
+    "PNG_PIECE_BYTES",
     "REASONS",
     "DecodedImage",
     "Deflate",

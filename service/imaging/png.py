@@ -8,7 +8,7 @@ import struct
 import threading
 import zlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -72,11 +72,28 @@ def _compressobj(level: int, deflate: Deflate, wbits: int = zlib.MAX_WBITS) -> _
 
 
 PNG_BAND_BYTES = 1 << 18
-"""Raw bytes of rows per band that one thread compresses, in the parallel PNG encoder.
+"""The least raw bytes of rows per band that one thread compresses, in the parallel PNG
+encoder.
 
 Each band starts with an empty deflate window, which costs a little size at every
 boundary; a quarter of a megabyte keeps that under 1 % while a 1024² RGB output still
 splits into 12 bands."""
+
+BANDS_PER_THREAD = 2
+"""Larger images get larger bands: about this many per encoder thread. Each band costs
+the server time under the GIL (a task, its result, its framing): a 4K PNG in
+quarter-megabyte bands is ~95 of them, and a 4K request held the GIL 37-38 ms on the
+development machine, against 31-32 ms in 2 MB bands (docs/benchmarks.md, section 8).
+Two per thread still keep every thread busy, since 2 × threads bands are in flight."""
+
+
+PNG_PIECE_BYTES = 1 << 19
+"""Bytes a streamed piece gathers before it is handed on (after the first two).
+
+Each piece costs the server a hop to a worker thread and a write to the socket, both
+under the GIL: a 4K PNG went out in ~95 pieces of 64 KB. Half a megabyte makes that a
+dozen, and a Set14 output two or three (with the larger bands, a 4K request's GIL time
+fell from 36-40 to 31-34 ms on the development machine: docs/benchmarks.md, section 8)."""
 
 
 def encode_png(
@@ -86,17 +103,21 @@ def encode_png(
     compress_level: int = 1,
     chunk_bytes: int = 1 << 16,
     threads: int = 1,
-    band_bytes: int = PNG_BAND_BYTES,
+    band_bytes: int | None = None,
     deflate: Deflate = "auto",
+    piece_bytes: int = PNG_PIECE_BYTES,
 ) -> Iterator[bytes]:
-    """PNG bytes in pieces, for a streamed response: the header first, then IDAT chunks of
-    about `chunk_bytes` as the rows are compressed, then IEND.
+    """PNG bytes in pieces, for a streamed response: the header first, then the first IDAT
+    chunks as soon as their rows are compressed, then pieces of at least `piece_bytes`
+    (IDAT chunks of about `chunk_bytes` each), IEND in the last.
 
     Keeps 16-bit depth; writes `icc_profile` as an iCCP chunk. `compress_level` is zlib's
     0..9: 0 stores rows unfiltered; above it rows get PNG's Up filter. With `threads` > 1
-    and more than one band of `band_bytes`, bands of rows are compressed in parallel
-    (`_png_stream_banded`); the pixels are the same either way. `deflate` picks the
-    library: "auto" is ISA-L at `ISAL_LEVELS` and zlib otherwise; "isal" takes levels 1..3.
+    and more than one band, bands of rows are compressed in parallel
+    (`_png_stream_banded`); the pixels are the same either way. A band is `band_bytes`
+    of raw rows, by default `PNG_BAND_BYTES` or more, for `BANDS_PER_THREAD` a thread.
+    `deflate` picks the library: "auto" is ISA-L at `ISAL_LEVELS` and zlib otherwise;
+    "isal" takes levels 1..3.
     The arguments are checked now; the work happens as the iterator is consumed.
     """
     if not 0 <= compress_level <= 9:
@@ -106,12 +127,40 @@ def encode_png(
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
     pixels = pixel_array(image)
+    if band_bytes is None:
+        band_bytes = max(PNG_BAND_BYTES, -(-pixels.nbytes // (BANDS_PER_THREAD * threads)))
     chunk_bytes, band_bytes = max(1, chunk_bytes), max(1, band_bytes)
     if threads > 1 and pixels.nbytes > band_bytes:
-        return _png_stream_banded(
+        stream = _png_stream_banded(
             pixels, icc_profile, compress_level, chunk_bytes, threads, band_bytes, deflate
         )
-    return _png_stream(pixels, icc_profile, compress_level, chunk_bytes, deflate)
+    else:
+        stream = _png_stream(pixels, icc_profile, compress_level, chunk_bytes, deflate)
+    return _coalesced(stream, piece_bytes)
+
+
+def _coalesced(pieces: Generator[bytes, None, None], size: int) -> Iterator[bytes]:
+    """`pieces` joined into pieces of at least `size` bytes (the last may be shorter),
+    except the first two, passed on as they come: the header, which leaves before any
+    work, and the first IDAT, which leaves once its rows are compressed."""
+    try:
+        for _ in range(2):
+            first = next(pieces, None)
+            if first is None:
+                return
+            yield first
+        gathered: list[bytes] = []
+        length = 0
+        for piece in pieces:
+            gathered.append(piece)
+            length += len(piece)
+            if length >= size:
+                yield b"".join(gathered)
+                gathered, length = [], 0
+        if gathered:
+            yield b"".join(gathered)
+    finally:  # a client that left: stop the encoder (the banded one drops queued bands)
+        pieces.close()
 
 
 def _png_head(pixels: np.ndarray, icc_profile: bytes | None) -> bytes:
@@ -162,7 +211,7 @@ def _png_stream(
     level: int,
     chunk_bytes: int,
     deflate: Deflate = "auto",
-) -> Iterator[bytes]:
+) -> Generator[bytes, None, None]:
     """One zlib stream, compressed on the consumer's thread as it reads."""
     yield _png_head(pixels, icc_profile)
     flat = _png_rows(pixels)
@@ -254,7 +303,7 @@ def _png_stream_banded(
     threads: int,
     band_bytes: int,
     deflate: Deflate = "auto",
-) -> Iterator[bytes]:
+) -> Generator[bytes, None, None]:
     """Bands of rows deflated in parallel and joined into one zlib stream.
 
     Each band is an independent raw deflate stream ended by a sync flush, so their
