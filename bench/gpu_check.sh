@@ -66,6 +66,10 @@ for s in "${steps[@]}"; do
     step gpu_compile_test 120 python3 -m pytest -q -p no:cacheprovider -o addopts= \
       -k compile tests/test_gpu.py
     grep -E "compiled|passed|failed|Error" "$O/gpu_compile_test.txt" | tail -n 8 ;;
+  server_overhead)  # the server's own CPU and GIL time per request on this host's cores
+    step server_overhead 90 bash -c "python3 -m bench.server_overhead --clients 16 --gil \
+      && python3 -m bench.server_overhead --frame --clients 16 --rounds 20 --gil"
+    grep -E "requests/s|per request" "$O/server_overhead.txt" ;;
   compiled)  # the frame's forward eager and compiled, with the kernels each spends it on
     step compiled 150 python3 -m bench.gpu_targets "${quick[@]}" --forward-only --kernels 15 \
       --compile default max-autotune-no-cudagraphs
