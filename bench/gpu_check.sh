@@ -74,6 +74,11 @@ for s in "${steps[@]}"; do
     step compiled 150 python3 -m bench.gpu_targets "${quick[@]}" --forward-only --kernels 15 \
       --compile default max-autotune-no-cudagraphs
     grep -E "forward, " "$O/compiled.txt" ;;
+  compiled_tuned)  # the frame's forward compiled with inductor's coordinate-descent tuning
+    step compiled_tuned 150 python3 -m bench.gpu_targets "${quick[@]}" --forward-only \
+      --kernels 15 --compile max-autotune-no-cudagraphs \
+      --inductor coordinate_descent_tuning=true
+    grep -E "forward, " "$O/compiled_tuned.txt" ;;
   suite)  # the whole suite on the CUDA host (modules needing dev-only packages don't collect);
     # 4 workers of 4 torch threads: 12 workers of 16 threads each on 16 cores got 17 % of
     # the device-facing modules done in 100 s (docs/benchmarks.md, section 8)

@@ -369,6 +369,17 @@ def frame_rows(url: str, sizes: Sizes) -> list[Row]:
     ]
 
 
+def inductor_setting(item: str) -> tuple[str, object]:
+    """ "key=value" as an inductor setting: true/false as booleans, digits as integers."""
+    import torch._inductor.config as inductor
+
+    key, sep, text = item.partition("=")
+    if not sep or not hasattr(inductor, key):
+        raise SystemExit(f"--inductor {item!r}: expected KEY=VALUE with an inductor setting")
+    value: object = {"true": True, "false": False}.get(text.lower(), text)
+    return key, int(text) if text.isdigit() else value
+
+
 def shown(rows: list[Row]) -> list[Row]:
     """Print each row as its part ends, so a run cut short keeps what it measured."""
     for row in rows:
@@ -388,9 +399,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
         help="also time the frame's forward compiled in these torch.compile modes",
     )
     parser.add_argument(
-        "--freezing",
-        action="store_true",
-        help="compile with inductor's freezing (weights as constants, layouts chosen freely)",
+        "--inductor",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="inductor settings for the compiled rows, e.g. freezing=true (weights as "
+        "constants), coordinate_descent_tuning=true, max_autotune_conv_backends=ATEN,TRITON",
     )
     parser.add_argument("--forward-only", action="store_true", help="the frame's forward alone")
     parser.add_argument(
@@ -421,11 +435,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
         f"CUDA graphs {'on' if settings.graphs_on(device) else 'off'}"
         + (" (quick: small inputs, not a measurement)" if args.quick else "")
     )
-    if args.freezing:
+    for key, value in (inductor_setting(item) for item in args.inductor):
         import torch._inductor.config as inductor
 
-        inductor.freezing = True
-        print("inductor freezing on")
+        setattr(inductor, key, value)
+        print(f"inductor {key} = {value!r}")
     print(f"{'what':<58} {'figure':>10} {'unit':<10} {'target':<22}")
     if args.frames_only:
         rows = shown(http_rows(sizes, None, None))

@@ -91,6 +91,18 @@ def test_gpu_targets_quick_run_prints_every_target(
     assert all(r.line() in out for r in rows)
 
 
+def test_gpu_targets_takes_inductor_settings_by_name() -> None:
+    assert gpu_targets.inductor_setting("freezing=true") == ("freezing", True)
+    assert gpu_targets.inductor_setting("coordinate_descent_tuning=False")[1] is False
+    assert gpu_targets.inductor_setting("max_autotune_conv_backends=ATEN,TRITON") == (
+        "max_autotune_conv_backends",
+        "ATEN,TRITON",
+    )
+    for bad in ("freezing", "no_such_setting=1"):
+        with pytest.raises(SystemExit, match="inductor setting"):
+            gpu_targets.inductor_setting(bad)
+
+
 def test_gpu_targets_frames_only_measures_the_4k_target_alone(
     weights_dir: Path, datasets_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
