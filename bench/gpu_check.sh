@@ -53,6 +53,10 @@ for s in "${steps[@]}"; do
   targets)  # the targets with the CUDA defaults (fp16, buckets, CUDA graphs), py-spy'd
     step targets 100 python3 -m bench.gpu_targets "${quick[@]}" --profile "$O/profile"
     tail -n 27 "$O/targets.txt" ;;
+  targets_python_switch)  # the targets at Python's GIL switch interval (5 ms), for comparison
+    step targets_python_switch 100 env IMDN_GIL_SWITCH_INTERVAL_MS=5 python3 -m bench.gpu_targets \
+      "${quick[@]}"
+    tail -n 27 "$O/targets_python_switch.txt" ;;
   targets_frames)  # the same with a whole-frame bucket for the 1080p frames (the plain forward)
     step targets_frames 90 env IMDN_FRAME_BUCKETS="$frames" python3 -m bench.gpu_targets \
       "${quick[@]}"

@@ -24,6 +24,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -432,7 +433,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     print(
         f"device {device}, precision {settings.precision}, backend {settings.backend}, "
         f"shape buckets {'on' if settings.buckets_on(device) else 'off'}, "
-        f"CUDA graphs {'on' if settings.graphs_on(device) else 'off'}"
+        f"CUDA graphs {'on' if settings.graphs_on(device) else 'off'}, GIL switch interval "
+        f"{1000 * (settings.switch_interval_s(device) or sys.getswitchinterval()):g} ms"
         + (" (quick: small inputs, not a measurement)" if args.quick else "")
     )
     for key, value in (inductor_setting(item) for item in args.inductor):

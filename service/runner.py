@@ -17,6 +17,7 @@ import asyncio
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -111,7 +112,8 @@ class DeviceRunner:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     def configure(self) -> None:
-        """Process-wide torch state for serving: threads, cuDNN tuning, compile caches."""
+        """Process-wide state for serving: torch threads, cuDNN tuning, the GIL switch
+        interval, compile caches."""
         if self.settings.torch_threads and self.device.type == "cpu":
             # in the device thread, which runs every forward (it also becomes the default
             # of threads started later: torch's thread count is process-wide state)
@@ -120,6 +122,9 @@ class DeviceRunner:
             # tuning per shape pays only when the shapes are few and warmed before traffic;
             # without buckets every new image size would be tuned on a request (~180 ms)
             torch.backends.cudnn.benchmark = self.planner.buckets
+        interval = self.settings.switch_interval_s(self.device)
+        if interval is not None:  # process-wide: the device thread waits less for the GIL
+            sys.setswitchinterval(interval)
         if self.settings.backend == "compile":
             self._load_compile_cache()
 

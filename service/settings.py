@@ -78,6 +78,14 @@ class Settings(BaseSettings):
         "few hundred per batch; with the compile backend, of the masked forward only. "
         "'auto': on with CUDA and shape buckets; needs both",
     )
+    gil_switch_interval_ms: float | None = Field(
+        None,
+        gt=0,
+        description="Python's GIL switch interval for this process: how long the device "
+        "thread may wait to retake the GIL after each of its ~20 small torch calls a batch "
+        "while another thread runs Python (bench/gil_convoy.py). Unset: 0.5 ms with CUDA, "
+        "Python's default (5 ms) elsewhere",
+    )
     shape_buckets: Literal["auto", "on", "off"] = Field(
         "auto",
         description="run every batch at one of a few fixed crop shapes and batch sizes, all "
@@ -279,6 +287,15 @@ class Settings(BaseSettings):
                 "backend (eager, channels_last or compile)"
             )
         return self
+
+    def switch_interval_s(self, device: torch.device) -> float | None:
+        """The GIL switch interval the runner sets for `device`, in seconds; None leaves
+        Python's. On CUDA a batch is mostly small calls that wait on the device, each
+        followed by a wait for the GIL: 20 of them took 0.24 ms alone and 128 ms beside
+        one busy Python thread at 5 ms, 13 ms at 0.5 ms (docs/benchmarks.md, section 8)."""
+        if self.gil_switch_interval_ms is not None:
+            return self.gil_switch_interval_ms / 1000
+        return 0.0005 if device.type == "cuda" else None
 
     def graphs_on(self, device: torch.device) -> bool:
         """Whether the runner captures CUDA graphs on `device` (`auto`: CUDA, buckets on,

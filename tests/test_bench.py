@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from bench import gpu_targets, model_vs_machine, server_overhead
+from bench import gil_convoy, gpu_targets, model_vs_machine, server_overhead
 from bench.common import http_load_spread
 from models.quality.evaluate import read_rgb
 from service.settings import Settings
@@ -89,6 +90,12 @@ def test_gpu_targets_quick_run_prints_every_target(
     assert any("forward, channels_last" in w for w in whats)
     assert len(rows) == 11 and all(r.figure > 0 for r in rows), rows
     assert all(r.line() in out for r in rows)
+
+
+def test_gil_convoy_times_small_calls_beside_busy_threads() -> None:
+    times = gil_convoy.time_calls(ops=5, busy=1, rounds=3)
+    assert len(times) == 3 and all(t > 0 for t in times)
+    assert not any("python_work" in t.name for t in threading.enumerate())  # stopped
 
 
 def test_gpu_targets_takes_inductor_settings_by_name() -> None:

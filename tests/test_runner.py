@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,28 @@ def test_cuda_graphs_need_cuda_buckets_and_a_pytorch_backend(weights_dir: Path) 
         Settings(weights_dir=weights_dir, cuda_graphs="on").graphs_on(cpu)
     with pytest.raises(ValueError, match="need a CUDA device"):
         GraphedForward(lambda crops, valid: crops, cpu)
+
+
+def test_the_gil_switch_interval_is_shorter_on_cuda_and_set_by_the_runner(
+    weights_dir: Path,
+) -> None:
+    """Unset, the runner leaves Python's interval on the CPU and sets 0.5 ms on CUDA (the
+    device thread's small calls each wait for the GIL: bench/gil_convoy.py); a value
+    given is used anywhere, process-wide."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    default = Settings(weights_dir=weights_dir)
+    assert default.switch_interval_s(cpu) is None and default.switch_interval_s(cuda) == 0.0005
+    with pytest.raises(ValueError, match="greater than 0"):
+        Settings(weights_dir=weights_dir, gil_switch_interval_ms=0)
+    before = sys.getswitchinterval()
+    try:
+        Engine(Settings(weights_dir=weights_dir, device="cpu")).runner.configure()
+        assert sys.getswitchinterval() == before
+        given = Settings(weights_dir=weights_dir, device="cpu", gil_switch_interval_ms=2)
+        Engine(given).runner.configure()
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+    finally:
+        sys.setswitchinterval(before)
 
 
 def test_precision_auto_is_float32_off_cuda_for_serving_and_training() -> None:
