@@ -146,9 +146,9 @@ def test_banded_png_carries_the_icc_profile() -> None:
     assert [k for k, _ in png_chunks(banded)][:2] == [b"IHDR", b"iCCP"]
 
 
-def test_banded_png_streams_in_order_with_a_bounded_window(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture
+def band_tops(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The first row of every band the encoder starts, in the order it starts them."""
     started: list[int] = []
     real = imaging.png._deflate_band
 
@@ -157,6 +157,11 @@ def test_banded_png_streams_in_order_with_a_bounded_window(
         return real(job, top, stop)
 
     monkeypatch.setattr(imaging.png, "_deflate_band", counted)
+    return started
+
+
+def test_banded_png_streams_in_order_with_a_bounded_window(band_tops: list[int]) -> None:
+    started = band_tops
     pixels = photo_like(256, 128, 3)  # 384 bytes a row, 8 rows a band: 32 bands
     stream = imaging.encode_png(pixels, threads=2, band_bytes=8 * 384, chunk_bytes=1000)
     head = next(stream)
@@ -175,17 +180,10 @@ def test_banded_png_streams_in_order_with_a_bounded_window(
     stream.close()  # a client that left: no error, the queued bands dropped
 
 
-def test_bands_grow_with_the_image_to_two_a_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bands_grow_with_the_image_to_two_a_thread(band_tops: list[int]) -> None:
     """Each band costs the server time under the GIL: by default a large image is cut into
     BANDS_PER_THREAD bands a thread, never below PNG_BAND_BYTES; the same pixels."""
-    tops: list[int] = []
-    real = imaging.png._deflate_band
-
-    def counted(job: imaging.png._BandJob, top: int, stop: int) -> imaging.png._Band:
-        tops.append(top)
-        return real(job, top, stop)
-
-    monkeypatch.setattr(imaging.png, "_deflate_band", counted)
+    tops = band_tops
     pixels = photo_like(1200, 1000, 3)  # 3.6 MB of rows
     for threads, bands in ((2, 2 * imaging.png.BANDS_PER_THREAD), (8, 14)):
         tops.clear()
