@@ -214,8 +214,8 @@ class DeviceRunner:
         batches = self.warm_batches(model)
         if model.backend == "compile":
             # one compiled code object serves every model: count all their graphs
-            full = sum((h, w) in model.full_shapes for _, h, w in batches)
-            _allow_recompiles(full * len(self.settings.models))
+            graphs = sum((h, w) in model.full_shapes for _, h, w in batches)
+            _allow_recompiles(graphs * len(self.settings.models))
         for batch, h, w in batches:
             shape = (batch, 3, h, w)
             valid = torch.tensor([[h, w]] * batch, device=self.device)
