@@ -256,14 +256,22 @@ def server_timing(header: str) -> dict[str, float]:
 
 
 def http_load_spread(
-    url: str, bodies: Sequence[bytes], *, scale: float, clients: int, total: int, processes: int
+    url: str,
+    bodies: Sequence[bytes],
+    *,
+    scale: float,
+    clients: int,
+    total: int,
+    processes: int,
+    separate: bool = False,
 ) -> HttpLoad:
     """`http_load` with its clients spread over `processes` processes, so that the load
     generator's own GIL (32 threads parsing large chunked bodies) does not become the
     limit it measures. The processes start together at a barrier; the time is the
-    parent's, from the barrier until the last answer is in."""
+    parent's, from the barrier until the last answer is in. One process is this one,
+    unless `separate` (the server under test runs in this one)."""
     processes = max(1, min(processes, clients))
-    if processes == 1:
+    if processes == 1 and not separate:
         return http_load(url, bodies, scale=scale, clients=clients, total=total)
     context = multiprocessing.get_context("spawn")  # the parent may hold CUDA and threads
     with context.Manager() as manager, ProcessPoolExecutor(processes, mp_context=context) as pool:

@@ -114,7 +114,13 @@ def measure(
 
         def run(total: int) -> HttpLoad:
             return http_load_spread(
-                srv.url, bodies, scale=scale, clients=clients, total=total, processes=processes
+                srv.url,
+                bodies,
+                scale=scale,
+                clients=clients,
+                total=total,
+                processes=processes,
+                separate=True,
             )
 
         run(len(bodies))  # warm the whole path

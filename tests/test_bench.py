@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import gil_convoy, gpu_targets, model_vs_machine, server_overhead
+from bench import common, gil_convoy, gpu_targets, model_vs_machine, server_overhead
 from bench.common import http_load_spread
 from models.quality.evaluate import read_rgb
 from service.settings import Settings
@@ -134,18 +134,31 @@ def test_server_overhead_measures_the_server_without_its_network(
     assert server_overhead.nearest(3)(torch.zeros(1, 3, 5, 7)).shape == (1, 3, 15, 21)
 
 
+@pytest.mark.parametrize("processes", [2, 1])
 def test_the_load_generator_spreads_clients_over_processes(
-    weights_dir: Path, datasets_dir: Path
+    weights_dir: Path, datasets_dir: Path, processes: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Clients and requests split over two processes that start together: every request
-    is answered once, each answer's latency and Server-Timing come back to the parent."""
+    """Clients and requests split over processes that start together, none of them this
+    one (the server under test runs here; `http_load` fails in this process): every
+    request is answered once, each answer's latency and Server-Timing come back."""
     lr = read_rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "birdx4.bmp")[:24, :20]
     body = io.BytesIO()
     Image.fromarray(lr).save(body, format="PNG")
     settings = Settings(device="cpu", weights_dir=weights_dir, models=["x2"])
+
+    def not_here(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the load ran in the server's process")
+
+    monkeypatch.setattr(common, "http_load", not_here)
     with live_server(settings) as srv:
         load = http_load_spread(
-            srv.url, [body.getvalue()], scale=2, clients=3, total=7, processes=2
+            srv.url,
+            [body.getvalue()],
+            scale=2,
+            clients=3,
+            total=7,
+            processes=processes,
+            separate=True,
         )
     assert len(load.latencies) == len(load.first_bytes) == len(load.server_timings) == 7
     assert all(0 < t <= load.seconds for t in load.latencies)
