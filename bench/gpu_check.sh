@@ -83,6 +83,12 @@ for s in "${steps[@]}"; do
       --kernels 15 --compile max-autotune-no-cudagraphs \
       --inductor coordinate_descent_tuning=true
     grep -E "forward, " "$O/compiled_tuned.txt" ;;
+  compiled_fused)  # the frame's forward without channel splits, and its 1x1 convolutions
+    # as matrix products that inductor may fuse the gate, bias and residual into
+    step compiled_fused 150 python3 -m bench.gpu_targets "${quick[@]}" --forward-only \
+      --kernels 15 --split-free --compile max-autotune-no-cudagraphs \
+      --inductor conv_1x1_as_mm=true
+    grep -E "forward, " "$O/compiled_fused.txt" ;;
   suite)  # the whole suite on the CUDA host (modules needing dev-only packages don't collect);
     # 4 workers of 4 torch threads: 12 workers of 16 threads each on 16 cores got 17 % of
     # the device-facing modules done in 100 s (docs/benchmarks.md, section 8)

@@ -39,7 +39,7 @@ from PIL import Image
 
 from bench.common import HttpLoad, hr_images, http_load_spread, machine, percentile, synchronizer
 from models.networks.checkpoints import load_official
-from models.runtime.backend import CompileMode, prepare
+from models.runtime.backend import CompileMode, prepare, split_free
 from models.runtime.device import precision_dtype, resolve_device
 from service import imaging
 from service.child import Served, imdn_serve
@@ -74,7 +74,7 @@ class Row:
 
     def line(self) -> str:
         verdict = {True: "met", False: "NOT met", None: ""}[self.met]
-        return f"{self.what:<58} {self.figure:>10.2f} {self.unit:<10} {self.target:<22} {verdict}"
+        return f"{self.what:<78} {self.figure:>10.2f} {self.unit:<10} {self.target:<22} {verdict}"
 
 
 def photos(sizes: Sizes, scale: int) -> list[np.ndarray]:
@@ -104,13 +104,21 @@ def encoded(rgb: np.ndarray, fmt: str) -> bytes:
 
 
 def forward_rows(
-    sizes: Sizes, settings: Settings, compile_modes: list[CompileMode], kernels: int = 0
+    sizes: Sizes,
+    settings: Settings,
+    compile_modes: list[CompileMode],
+    kernels: int = 0,
+    split_free_too: bool = False,
 ) -> list[Row]:
     """The x2 frame's forward, eager (NCHW and channels-last), then compiled in each of
     `compile_modes`; cuDNN's autotuning on where the engine turns it on (with buckets):
     a frame of its bucket's size runs this very forward in the service. With `kernels`,
     each variant's most expensive kernels (torch.profiler, over three forwards) are
-    printed under its name as it is measured: where the frame's time goes."""
+    printed under its name as it is measured: where the frame's time goes.
+    `split_free_too` adds the channels-last and compiled rows again with every channel
+    split made two convolutions (`split_free`, the same function): channels-last, the
+    kept and refined channels of a split are strided views that the next convolution
+    may copy or read slowly."""
     device = resolve_device(settings.device)
     dtype = precision_dtype(settings.precision, device, prefer_bf16=False)
     sync = synchronizer(device)
@@ -119,10 +127,17 @@ def forward_rows(
         print(f"cudnn.benchmark {torch.backends.cudnn.benchmark}")
     x = torch.from_numpy(frame(sizes)).permute(2, 0, 1).unsqueeze(0).to(device, dtype) / 255
     rows = []
-    variants: list[tuple[str, CompileMode]] = [("eager", "default"), ("channels_last", "default")]
-    variants += [("compile", mode) for mode in compile_modes]
-    for backend, mode in variants:
+    variants: list[tuple[str, CompileMode, bool]] = [
+        ("eager", "default", False),
+        ("channels_last", "default", False),
+    ]
+    variants += [("compile", mode, False) for mode in compile_modes]
+    if split_free_too:
+        variants += [(backend, mode, True) for backend, mode, _ in variants[1:]]
+    for backend, mode, free in variants:
         network = load_official("x2", WEIGHTS)
+        if free:
+            network = split_free(network)
         forward = prepare(network, backend, device, dtype, in_place=True, compile_mode=mode)
         started = time.perf_counter()
         forward(x)
@@ -135,13 +150,13 @@ def forward_rows(
             sync()
             times.append(time.perf_counter() - started)
         ms = 1000 * min(times)
+        name = (mode if backend == "compile" else backend) + (" split-free" if free else "")
         if kernels:
-            print(f"  kernels of the {mode if backend == 'compile' else backend} forward:")
+            print(f"  kernels of the {name} forward:")
             kernel_table(forward, x, device, kernels)
         rows.append(
             Row(
-                f"x2 {sizes.frame[1]}x{sizes.frame[0]} forward, "
-                f"{mode if backend == 'compile' else backend} "
+                f"x2 {sizes.frame[1]}x{sizes.frame[0]} forward, {name} "
                 f"(first call {prepared:.1f}s)",
                 1000 / ms,
                 "frames/s",
@@ -409,6 +424,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     )
     parser.add_argument("--forward-only", action="store_true", help="the frame's forward alone")
     parser.add_argument(
+        "--split-free",
+        action="store_true",
+        help="also time the channels-last and compiled forwards without channel splits",
+    )
+    parser.add_argument(
         "--kernels",
         type=int,
         default=0,
@@ -442,11 +462,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
         setattr(inductor, key, value)
         print(f"inductor {key} = {value!r}")
-    print(f"{'what':<58} {'figure':>10} {'unit':<10} {'target':<22}")
+    print(f"{'what':<78} {'figure':>10} {'unit':<10} {'target':<22}")
     if args.frames_only:
         rows = shown(http_rows(sizes, None, None))
     else:
-        rows = shown(forward_rows(sizes, settings, args.compile, args.kernels))
+        rows = shown(forward_rows(sizes, settings, args.compile, args.kernels, args.split_free))
     if not (args.forward_only or args.frames_only):
         engine, in_process = asyncio.run(engine_rows(sizes, settings))
         rows += shown(engine)

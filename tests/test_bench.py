@@ -92,6 +92,17 @@ def test_gpu_targets_quick_run_prints_every_target(
     assert all(r.line() in out for r in rows)
 
 
+def test_gpu_targets_times_the_split_free_forward_beside_the_others(
+    weights_dir: Path, datasets_dir: Path
+) -> None:
+    """`--forward-only --split-free`: the channels-last forward a second time without
+    channel splits, after the rows it is compared with."""
+    rows = gpu_targets.main(["--quick", "--forward-only", "--split-free"])
+    names = [r.what.split("forward, ")[1].split(" (")[0] for r in rows]
+    assert names == ["eager", "channels_last", "channels_last split-free"]
+    assert all(r.figure > 0 for r in rows)
+
+
 def test_gil_convoy_times_small_calls_beside_busy_threads() -> None:
     times = gil_convoy.time_calls(ops=5, busy=1, rounds=3)
     assert len(times) == 3 and all(t > 0 for t in times)
