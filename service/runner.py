@@ -408,27 +408,55 @@ class DeviceRunner:
 
     def _load_compile_cache(self) -> None:
         """Point inductor's on-disk cache at the configured folder and load the Mega-Cache
-        saved by an earlier run, so a restart skips compiling the same shapes."""
+        saved by an earlier run, so a restart skips compiling the same shapes. A cache
+        never stops the service: one it cannot read is compiled afresh and rewritten."""
         folder = self.settings.compile_cache_dir
         if folder is None:
             return
         folder.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder / "inductor"))
         saved = folder / MEGACACHE_FILE
-        if saved.is_file():
-            started = time.perf_counter()
-            torch.compiler.load_cache_artifacts(saved.read_bytes())
+        if not saved.is_file():
+            return
+        started = time.perf_counter()
+        try:
+            # None (with PyTorch's own warning) for bytes it cannot read back
+            loaded = torch.compiler.load_cache_artifacts(saved.read_bytes())
+        except OSError as exc:
+            loaded, why = None, str(exc)
+        else:
+            why = "damaged, or saved by another PyTorch"
+        if loaded is None:
+            log.warning(
+                "compile cache %s not loaded (%s): compiling afresh; warm-up rewrites it",
+                saved,
+                why,
+            )
+        else:
             log.info("loaded compile cache %s in %.1fs", saved, time.perf_counter() - started)
 
     def _save_compile_cache(self) -> None:
+        """Write the Mega-Cache whole or not at all (a temporary file renamed over the old
+        one): a process killed while writing, or pods sharing the volume, leave either
+        cache complete. A folder that cannot be written costs the next start its compile
+        time, not this start its service."""
         folder = self.settings.compile_cache_dir
         if folder is None:
             return
         saved = torch.compiler.save_cache_artifacts()
-        if saved is not None:
-            artifacts, _ = saved
-            (folder / MEGACACHE_FILE).write_bytes(artifacts)
-            log.info("saved compile cache %s (%d bytes)", folder / MEGACACHE_FILE, len(artifacts))
+        if saved is None:
+            return
+        artifacts, _ = saved
+        target = folder / MEGACACHE_FILE
+        partial = folder / f".{MEGACACHE_FILE}.{os.getpid()}.partial"
+        try:
+            partial.write_bytes(artifacts)
+            os.replace(partial, target)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            log.warning("compile cache %s not saved: %s", target, exc)
+            return
+        log.info("saved compile cache %s (%d bytes)", target, len(artifacts))
 
 
 def _allow_recompiles(graphs: int) -> None:

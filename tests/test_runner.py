@@ -3,7 +3,7 @@
 `torch.compile` itself is exercised on CUDA (tests/test_gpu.py); on two CPU cores it
 takes tens of seconds a shape. Here it is replaced by a recorder that returns the
 function as it is, which shows what the runner compiles, when, and that the cache
-folder is written and read.
+folder is written and read, whole, and that a damaged or unwritable one never stops a start.
 """
 
 from __future__ import annotations
@@ -26,12 +26,19 @@ from service.engine import Engine
 from service.runner import MEGACACHE_FILE
 from service.settings import Settings
 
+LOAD_CACHE_ARTIFACTS = torch.compiler.load_cache_artifacts  # PyTorch's, before any stub
+
 
 class Recorder:
     def __init__(self) -> None:
         self.compiled: list[dict[str, Any]] = []
         self.calls: list[tuple[int, ...]] = []
         self.loaded: list[bytes] = []
+
+    def load(self, artifacts: bytes) -> object:
+        """What load_cache_artifacts returns for bytes it could read: not None."""
+        self.loaded.append(artifacts)
+        return "cache info"
 
     def compile(self, fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
         self.compiled.append(options)
@@ -49,7 +56,7 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # the runner sets it
     monkeypatch.setattr(torch, "compile", rec.compile)
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"kernels", None))
-    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", rec.loaded.append)
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", rec.load)
     return rec
 
 
@@ -102,6 +109,79 @@ def test_compile_backend_compiles_the_full_shapes_and_keeps_its_cache(
     recorder.calls.clear()
     asyncio.run(serve())  # a restart loads what the first run saved
     assert recorder.loaded == [b"kernels"]
+
+
+def _start_and_stop(settings: Settings) -> None:
+    async def run() -> None:
+        engine = Engine(settings)
+        await engine.start()
+        await engine.stop()
+
+    asyncio.run(run())
+
+
+def _compiled(weights_dir: Path, cache: Path) -> Settings:
+    return Settings(
+        device="cpu",
+        weights_dir=weights_dir,
+        models=["x4"],
+        backend="compile",
+        compile_cache_dir=cache,
+        tile_max_pixels=32 * 32,
+        tile_padding=8,
+        max_batch_size=4,
+    )
+
+
+def test_a_damaged_compile_cache_is_compiled_afresh_and_rewritten(
+    weights_dir: Path,
+    tmp_path: Path,
+    recorder: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Mega-Cache cut short (a process killed while writing it) does not stop the
+    start: PyTorch's own loader refuses the bytes, the runner says so and compiles, and
+    warm-up writes a whole cache in its place."""
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", LOAD_CACHE_ARTIFACTS)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / MEGACACHE_FILE).write_bytes(b"\x80\x04\x95 a cache cut sh")
+    with caplog.at_level("WARNING", logger="service.runner"):
+        _start_and_stop(_compiled(weights_dir, cache))
+    assert "not loaded (damaged, or saved by another PyTorch)" in caplog.text
+    assert len(recorder.compiled) == 1 and recorder.calls  # compiled and warmed
+    assert (cache / MEGACACHE_FILE).read_bytes() == b"kernels"
+    assert not [p for p in cache.iterdir() if p.name.endswith(".partial")]
+
+
+def test_a_compile_cache_that_cannot_be_written_keeps_the_old_one_whole(
+    weights_dir: Path,
+    tmp_path: Path,
+    recorder: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The disk fills half way through writing the cache: the service starts anyway, the
+    cache of the earlier run is still there whole, and no partial file is left."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / MEGACACHE_FILE).write_bytes(b"earlier kernels")
+    write_bytes = Path.write_bytes
+
+    def disk_full(path: Path, data: Any) -> int:
+        if path.parent != cache:
+            return write_bytes(path, data)
+        write_bytes(path, bytes(data)[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with caplog.at_level("WARNING", logger="service.runner"):
+        _start_and_stop(_compiled(weights_dir, cache))
+    assert recorder.loaded == [b"earlier kernels"]
+    assert "not saved: [Errno 28] No space left on device" in caplog.text
+    assert (cache / MEGACACHE_FILE).read_bytes() == b"earlier kernels"
+    assert not [p for p in cache.iterdir() if p.name.endswith(".partial")]
 
 
 def test_compile_without_buckets_is_refused(weights_dir: Path) -> None:
