@@ -411,13 +411,26 @@ def test_device_oom_is_retried_smaller_and_the_client_gets_its_image(
         assert psnr(served, expected) >= 45
 
 
+def _batches_taking(seconds: float, scale: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A stand-in network whose every batch takes `seconds` on any machine (a fast host
+    runs the real one's small batches in milliseconds): nearest-neighbour upsampling."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        time.sleep(seconds)
+        return torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
+
+    return forward
+
+
 @pytest.fixture(scope="module")
 def slow_server(weights_dir: Path) -> Iterator[LiveServer]:
-    """Small tiles and batches, so a 192×192 image at ×4 is ~150 crops and seconds of work."""
+    """Small tiles and batches, so a 192×192 image at ×4 is ~150 crops, and batches that
+    take 0.05 s each: seconds of work on any machine."""
     settings = Settings(
         weights_dir=weights_dir, models=["x4"], tile_max_pixels=80 * 80, max_batch_size=4
     )
     with live_server(settings) as srv:
+        srv.app.state.engine.runner.models["x4"].forward = _batches_taking(0.05, 4)
         yield srv
 
 
@@ -471,10 +484,12 @@ def test_client_gone_before_the_answer_drops_its_queued_crops(
 def test_past_its_deadline_a_request_is_504_and_its_work_dropped(
     weights_dir: Path, datasets_dir: Path
 ) -> None:
+    """~150 crops in batches of 4 that take 0.1 s each: seconds of work, whatever the
+    machine, against a deadline of half a second."""
     settings = Settings(
         weights_dir=weights_dir,
         models=["x4"],
-        device="cpu",  # a deadline the CPU misses; a GPU might not
+        device="cpu",
         request_timeout_s=0.5,
         tile_max_pixels=80 * 80,
         max_batch_size=4,
@@ -485,6 +500,7 @@ def test_past_its_deadline_a_request_is_504_and_its_work_dropped(
     big = read_rgb(datasets_dir / "Set14" / "HR" / "baboon.png")[:192, :192]
     small = read_rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "birdx4.bmp")[:16, :16]
     with live_server(settings) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        srv.app.state.engine.runner.models["x4"].forward = _batches_taking(0.1, 4)
         started = time.monotonic()
         r = c.post("/v1/superres?scale=4", content=png_of(big))
         elapsed = time.monotonic() - started
