@@ -547,7 +547,10 @@ def test_sigterm_drains_in_flight_requests_and_exits_cleanly(
                     asyncio.ensure_future(c.post("/v1/superres?scale=4", content=png_of(big)))
                     for _ in range(3)
                 ]
+                give_up = time.monotonic() + 30
                 while gauge(_metrics(srv.url), "imdn_requests_in_flight") < 3:
+                    if time.monotonic() > give_up or any(p.done() for p in posts):
+                        pytest.fail("the three requests were never in flight together")
                     await asyncio.sleep(0.05)
                 srv.process.send_signal(signal.SIGTERM)
                 sent = time.monotonic()
