@@ -74,6 +74,9 @@ for s in "${steps[@]}"; do
     step server_overhead 90 bash -c "python3 -m bench.server_overhead --clients 16 --gil \
       && python3 -m bench.server_overhead --frame --clients 16 --rounds 20 --gil"
     grep -E "requests/s|per request" "$O/server_overhead.txt" ;;
+  batch_split)  # batches split by the warm-up's timings against padded ones, in process
+    step batch_split 90 python3 -m bench.batch_split "${quick[@]}" --clients 8 --rounds 3
+    tail -n 3 "$O/batch_split.txt" ;;
   compiled)  # the frame's forward eager and compiled, with the kernels each spends it on
     step compiled 150 python3 -m bench.gpu_targets "${quick[@]}" --forward-only --kernels 15 \
       --compile default max-autotune-no-cudagraphs

@@ -11,8 +11,10 @@ the long bucket side (half the tile side, or the tile side). An image that fits 
 tile runs whole, padded; a larger one is cut into crops of exactly the tile side
 (`acs.side_grid_plan`). Crops of any request and any image size then share batches,
 and warm-up can run every (shape, batch size) pair before `/readyz`, so cuDNN tuning
-or compilation never happens on a request. Batch sizes are padded up to a few fixed
-sizes too (powers of two up to the largest), as vLLM pads to its captured sizes.
+or compilation never happens on a request. Batches run at a few fixed sizes too
+(powers of two up to the largest), as vLLM pads to its captured sizes: padded up to
+one, or split into several, whichever the warm-up's timings say costs less
+(`batch_split`).
 Frame buckets (`IMDN_FRAME_BUCKETS`, none by default) add whole-image shapes for the
 frame sizes a deployment serves, at exactly those sizes (rounded up only to the
 network's size rule): an image larger than a tile that fits one runs whole, at batch
@@ -27,6 +29,8 @@ masked forward and is what the compile backend compiles.
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from models.networks.checkpoints import REGISTRY
@@ -78,6 +82,43 @@ def padded_batch_sizes(max_batch: int) -> tuple[int, ...]:
 def padded_batch(n: int, sizes: tuple[int, ...]) -> int:
     """The smallest of `sizes` that holds `n` crops (`n` itself beyond the largest)."""
     return next((s for s in sizes if s >= n), n)
+
+
+def batch_split(n: int, seconds: Mapping[int, float]) -> list[int]:
+    """The batch sizes to run `n` crops in, largest first, the last one padded: the
+    split of least time, by the warm-up's `seconds` for each batch size of a shape.
+
+    Padding 5 crops to a batch of 8 computes 3 crops for nothing. Where a batch's time
+    grows with its size (large crops on a busy GPU, any CPU) 4 + 1 is cheaper; where a
+    batch costs its launches whatever its size (small crops on a fast GPU), one padded
+    batch is. The timings are fitted as `launch + size * per_crop` (least squares, one
+    noisy timing does not decide), so a split is chosen only when the crops it saves
+    cost more than the launches it adds; ties go to fewer batches.
+    """
+    if n < 1 or not seconds:
+        raise ValueError("batch_split needs n >= 1 and some timed batch sizes")
+    launch, per_crop = _line_fit(seconds)
+    best: list[tuple[float, int, list[int]]] = [(0.0, 0, [])]  # k crops: (time, batches, split)
+    for k in range(1, n + 1):
+        options = []
+        for b in seconds:
+            rest_time, rest_batches, rest = best[max(0, k - b)]
+            time = round(rest_time + launch + b * per_crop, 12)  # float noise is no saving
+            options.append((time, rest_batches + 1, [b, *rest]))
+        best.append(min(options))
+    return sorted(best[n][2], reverse=True)
+
+
+def _line_fit(seconds: Mapping[int, float]) -> tuple[float, float]:
+    """(intercept, slope) of seconds against batch size by least squares, neither below
+    zero; a single timing is all slope."""
+    if len(seconds) == 1:
+        ((size, time),) = seconds.items()
+        return 0.0, max(0.0, time / size)
+    slope, intercept = statistics.linear_regression(list(seconds), list(seconds.values()))
+    if slope < 0:  # time falling as batches grow is noise: a constant fits best
+        return statistics.fmean(seconds.values()), 0.0
+    return max(0.0, intercept), slope
 
 
 class Planner:

@@ -36,7 +36,7 @@ from models.runtime.graphs import GraphedForward
 from service.batcher import BatchOutcome, Key, Slice
 from service.errors import DeviceOutOfMemory
 from service.metrics import Metrics, peak_memory_bytes, reset_peak_memory
-from service.planner import Planner, padded_batch
+from service.planner import Planner, batch_split, padded_batch
 from service.settings import ModelName, Settings
 
 if TYPE_CHECKING:
@@ -104,6 +104,8 @@ class DeviceRunner:
         self._busy_since: float | None = None
         self._graph_pool: _POOL_HANDLE | None = None  # one memory pool for every graph
         self.warm_timings: dict[str, list[tuple[int, int, int, float]]] = {}
+        # (model, h, w): {batch size: seconds} from the warm-up, for splitting batches
+        self.batch_seconds: dict[tuple[str, int, int], dict[int, float]] = {}
 
     # Life cycle (on the device thread)
 
@@ -243,6 +245,8 @@ class DeviceRunner:
         if model.backend == "compile":
             self._save_compile_cache()
         self.warm_timings[model.descriptor.name] = timings
+        for batch, h, w, seconds in timings:
+            self.batch_seconds.setdefault((model.descriptor.name, h, w), {})[batch] = seconds
         return timings
 
     def _prepare_shape(
@@ -268,9 +272,10 @@ class DeviceRunner:
         return self._busy_since
 
     def run_batch(self, key: Key, slices: list[Slice]) -> BatchOutcome:
-        """Concatenate the slices' crops, pad the batch to a warmed size, forward (the
-        plain network when every crop fills its shape), and hand each request its outputs
-        (clamped, on the device)."""
+        """Concatenate the slices' crops, run them as warmed batch sizes (split or padded,
+        whichever the warm-up timed cheaper), each through the plain network when all its
+        crops fill their shape, and hand each request its outputs (clamped, on the
+        device)."""
         self._busy_since = time.monotonic()
         try:
             model = self.models[key[0]]
@@ -282,25 +287,21 @@ class DeviceRunner:
             fills = [
                 j.full for j, s in zip(jobs, slices, strict=True) for _ in range(s.start, s.stop)
             ]
-            n = x.shape[0]
-            frame = (x.shape[-2], x.shape[-1]) in model.frame_shapes
-            if self.planner.batch_sizes and not frame:
-                size = padded_batch(n, self.planner.batch_sizes)
-                if size > n:  # padding crops count as wholly valid: no empty statistics
-                    x = torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))])
-                    valid = torch.cat([valid, valid[:1].expand(size - n, 2)])
-            self.shapes_run.setdefault(model.descriptor.name, set()).add((x.shape[-2], x.shape[-1]))
+            n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+            self.shapes_run.setdefault(model.descriptor.name, set()).add((h, w))
             reset_peak_memory(self.device)
             started = time.perf_counter()
-            if frame:  # a frame fills the device: one at a time, the batch size warmed
-                y = torch.cat(
-                    [
-                        self._forward_splitting(model, x[i : i + 1], valid[i : i + 1], fills[i])
-                        for i in range(n)
-                    ]
-                )
-            else:
-                y = self._forward_splitting(model, x, valid, all(fills))[:n]
+            outputs, start = [], 0
+            for size in self._batch_sizes(model, h, w, n):
+                stop = min(start + size, n)
+                xs, vs = x[start:stop], valid[start:stop]
+                if size > stop - start:  # padding crops count as wholly valid: no empty statistics
+                    xs = torch.cat([xs, xs.new_zeros((size - (stop - start), *xs.shape[1:]))])
+                    vs = torch.cat([vs, vs[:1].expand(size - (stop - start), 2)])
+                full = all(fills[start:stop])
+                outputs.append(self._forward_splitting(model, xs, vs, full)[: stop - start])
+                start = stop
+            y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
             offset = 0
             for job, s in zip(jobs, slices, strict=True):
                 count = s.stop - s.start
@@ -313,6 +314,21 @@ class DeviceRunner:
             return BatchOutcome(seconds, peak)
         finally:
             self._busy_since = None
+
+    def _batch_sizes(self, model: LoadedModel, h: int, w: int, n: int) -> list[int]:
+        """The batches `n` crops of shape (h, w) run as, in order; their sizes add up to
+        `n` or more (the last one padded). Without buckets one batch of `n`; a frame one
+        crop at a time (it fills the device, and only batch size 1 is warmed); else the
+        warmed batch sizes of least total time by the warm-up's timings (`batch_split`),
+        or, without timings, the smallest warmed size that holds them all."""
+        if (h, w) in model.frame_shapes:
+            return [1] * n
+        if not self.planner.batch_sizes:
+            return [n]
+        seconds = self.batch_seconds.get((model.descriptor.name, h, w))
+        if not seconds:
+            return [padded_batch(n, self.planner.batch_sizes)]
+        return batch_split(n, seconds)
 
     def _synchronise(self) -> None:
         """Wait for this thread's stream (the batch and its pastes), not for the request

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from bench import common, gil_convoy, gpu_targets, model_vs_machine, server_overhead
+from bench import batch_split, common, gil_convoy, gpu_targets, model_vs_machine, server_overhead
 from bench.common import http_load_spread
 from models.quality.evaluate import read_rgb
 from service.settings import Settings
@@ -175,3 +177,25 @@ def test_the_load_generator_spreads_clients_over_processes(
     assert all(0 < t <= load.seconds for t in load.latencies)
     assert all("inference" in t for t in load.server_timings)
     assert load.images_per_second == 7 / load.seconds
+
+
+def test_batch_split_bench_serves_both_modes_side_by_side(weights_dir: Path) -> None:
+    """`python -m bench.batch_split`'s measurement on small buckets: both modes serve
+    every image each round, and the device never computes fewer crops than were asked
+    (padding adds some, splitting none)."""
+    settings = Settings(
+        device="cpu",
+        weights_dir=weights_dir,
+        models=["x3"],
+        shape_buckets="on",
+        tile_max_pixels=32 * 32,
+        tile_padding=8,
+        max_batch_size=4,
+    )
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (12 + i, 14, 3), dtype=np.uint8) for i in range(3)]
+    figures = asyncio.run(batch_split.measure(settings, images, 3, clients=3, rounds=2))
+    assert figures.keys() == {"split", "padded"}
+    for rates, crops in figures.values():
+        assert len(rates) == 2 and all(r > 0 for r in rates)
+        assert crops >= 1.0

@@ -21,7 +21,7 @@ from service.api import ENGINE_ERRORS, engine_error_status
 from service.engine import Engine, UpscaleResult
 from service.errors import EngineError, QueueFull, TooCostly
 from service.imaging import output_size
-from service.planner import Planner, model_for_scale
+from service.planner import Planner, batch_split, model_for_scale
 from service.settings import Settings
 from service.table6 import bench_settings, run_bench
 from tests.live import live_server
@@ -346,3 +346,63 @@ def test_frame_buckets_are_height_x_width(weights_dir: Path) -> None:
     for bad in ("1080", "1080x", "8x8", "axb", "1080x1920x3"):
         with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
             Settings(weights_dir=weights_dir, frame_buckets=[bad])
+
+
+def test_batch_split_pads_only_where_launches_cost_more_than_the_padding() -> None:
+    """Timings that grow with the batch (compute-bound): 5 crops run as 4 + 1, not as a
+    batch of 8 with 3 crops of padding. Flat timings (launch-bound): one padded batch.
+    In between, a split must save more than the launch it adds; one noisy timing does
+    not decide (a least-squares line through all of them does)."""
+    linear = {1: 1.0, 2: 2.0, 4: 4.0, 8: 8.0}
+    flat = {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0}
+    launch_and_crops = {b: 1.0 + 0.5 * b for b in (1, 2, 4, 8)}  # a launch costs 2 crops
+    assert [batch_split(n, linear) for n in (1, 3, 4, 5, 7, 8)] == [
+        [1],
+        [2, 1],
+        [4],  # not 2 + 2 or 1 + 1 + 1 + 1: the same time, fewer batches
+        [4, 1],
+        [4, 2, 1],
+        [8],
+    ]
+    assert [batch_split(n, flat) for n in (1, 3, 5, 7)] == [[1], [4], [8], [8]]
+    assert batch_split(5, launch_and_crops) == [4, 1]  # 3 crops saved > 1 launch
+    assert batch_split(6, launch_and_crops) == [8]  # 2 crops saved = 1 launch: a tie
+    noisy = linear | {2: 0.5}  # one timing far off the line
+    assert batch_split(5, noisy) == [4, 1]
+    assert batch_split(3, {1: 1.0, 4: 2.0}) == [4]  # a batch size not timed is never run
+    with pytest.raises(ValueError):
+        batch_split(0, linear)
+
+
+def test_a_batch_runs_as_the_split_its_timings_favour_and_each_request_gets_its_own(
+    weights_dir: Path, datasets_dir: Path, official_model
+) -> None:  # type: ignore[no-untyped-def]
+    """Three small images meet in one batch of their 64-px bucket. With the warm-up's
+    timings replaced by compute-bound ones the device runs them as 2 + 1, with launch-
+    bound ones as one padded batch of 4; either way each request gets its own image
+    (>= 80 dB from its whole-image forward)."""
+    settings = bucketed_settings(weights_dir, models=["x4"], warmup=True, max_batch_wait_ms=500)
+    baboon = read_rgb(datasets_dir / "Set14" / "HR" / "baboon.png")
+    images = [baboon[:40, :50], baboon[50:90, 20:70], baboon[100:140, 60:110]]
+
+    async def go(seconds: dict[int, float]) -> tuple[list[np.ndarray], PathRecorder]:
+        engine = Engine(settings)
+        await engine.start()
+        try:
+            assert engine.runner.batch_seconds[("x4", 64, 64)].keys() == {1, 2, 4}
+            engine.runner.batch_seconds[("x4", 64, 64)] = seconds
+            paths = PathRecorder(engine, "x4")
+            results = await asyncio.gather(*(engine.upscale(lr, 4) for lr in images))
+            return [r.image for r in results], paths
+        finally:
+            await engine.stop()
+
+    x4 = official_model("x4")
+    for seconds, batches in (
+        ({1: 1.0, 2: 2.0, 4: 4.0}, [(2, 3, 64, 64), (1, 3, 64, 64)]),
+        ({1: 1.0, 2: 1.0, 4: 1.0}, [(4, 3, 64, 64)]),
+    ):
+        outputs, paths = asyncio.run(go(seconds))
+        assert paths.masked == batches and paths.plain == paths.unwarmed == []
+        for lr, out in zip(images, outputs, strict=True):
+            assert psnr(out, whole_forward(x4, lr)) >= 80
