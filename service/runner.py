@@ -294,12 +294,11 @@ class DeviceRunner:
             outputs, start = [], 0
             for size in self._batch_sizes(model, h, w, n):
                 stop = min(start + size, n)
-                xs, vs = x[start:stop], valid[start:stop]
-                if size > stop - start:  # padding crops count as wholly valid: no empty statistics
-                    xs = torch.cat([xs, xs.new_zeros((size - (stop - start), *xs.shape[1:]))])
-                    vs = torch.cat([vs, vs[:1].expand(size - (stop - start), 2)])
-                full = all(fills[start:stop])
-                outputs.append(self._forward_splitting(model, xs, vs, full)[: stop - start])
+                outputs.append(
+                    self._forward_padded(
+                        model, x[start:stop], valid[start:stop], size, all(fills[start:stop])
+                    )
+                )
                 start = stop
             y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
             offset = 0
@@ -329,6 +328,17 @@ class DeviceRunner:
         if not seconds:
             return [padded_batch(n, self.planner.batch_sizes)]
         return batch_split(n, seconds)
+
+    def _forward_padded(
+        self, model: LoadedModel, crops: torch.Tensor, valid: torch.Tensor, size: int, full: bool
+    ) -> torch.Tensor:
+        """The crops' outputs, run as a batch of `size`: padded with blank crops, which
+        count as wholly valid (no empty statistics in the masked forward)."""
+        count = crops.shape[0]
+        if size > count:
+            crops = torch.cat([crops, crops.new_zeros((size - count, *crops.shape[1:]))])
+            valid = torch.cat([valid, valid[:1].expand(size - count, 2)])
+        return self._forward_splitting(model, crops, valid, full)[:count]
 
     def _synchronise(self) -> None:
         """Wait for this thread's stream (the batch and its pastes), not for the request
