@@ -127,7 +127,7 @@ class Engine:
             await self.runner.call(self.runner.load, name)
             m = self.models[name]
             self.metrics.model_loaded(name, m.load_seconds, m.warmup_seconds)
-            for batch, h, w, seconds in self.runner.warm_timings.get(name, []):
+            for batch, h, w, seconds in self.runner.warm_timings(name):
                 batcher.throughput.observe(name, batch * h * w, seconds, warm_up=True)
             log.info(
                 "model %s (backend %s) loaded in %.2fs, warm in %.2fs (%d warm-up shapes, "

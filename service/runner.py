@@ -103,8 +103,8 @@ class DeviceRunner:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imdn-device")
         self._busy_since: float | None = None
         self._graph_pool: _POOL_HANDLE | None = None  # one memory pool for every graph
-        self.warm_timings: dict[str, list[tuple[int, int, int, float]]] = {}
-        # (model, h, w): {batch size: seconds} from the warm-up, for splitting batches
+        # (model, h, w): {batch size: seconds} of the warm-up's timed pass: the batcher's
+        # throughput estimate and the runner's batch splitting both read it
         self.batch_seconds: dict[tuple[str, int, int], dict[int, float]] = {}
 
     # Life cycle (on the device thread)
@@ -207,12 +207,11 @@ class DeviceRunner:
         side = min(64, math.isqrt(self.settings.tile_max_pixels)) // 4 * 4
         return [(1, side, side), (4, side, side)]
 
-    def _warm(self, model: LoadedModel) -> list[tuple[int, int, int, float]]:
+    def _warm(self, model: LoadedModel) -> None:
         """Run each warm-up batch through each forward that will run it (the first call
         may tune, compile or capture), then once more, timed: that second pass of the
-        masked forward (the slower) is the measured throughput. Returns (batch, h, w,
-        seconds)."""
-        timings = []
+        masked forward (the slower) is the measured throughput (`batch_seconds`)."""
+        name = model.descriptor.name
         batches = self.warm_batches(model)
         if model.backend == "compile":
             # one compiled code object serves every model: count all their graphs
@@ -232,7 +231,7 @@ class DeviceRunner:
                 if full and model.backend == "compile":
                     log.info(
                         "compiled %s for %s in %.1fs",
-                        model.descriptor.name,
+                        name,
                         shape,
                         time.perf_counter() - first,
                     )
@@ -241,13 +240,19 @@ class DeviceRunner:
             started = time.perf_counter()
             self._forward(model, torch.rand(shape, device=self.device), valid, full=False)
             self._synchronise()
-            timings.append((batch, h, w, time.perf_counter() - started))
+            seconds = time.perf_counter() - started
+            self.batch_seconds.setdefault((name, h, w), {})[batch] = seconds
         if model.backend == "compile":
             self._save_compile_cache()
-        self.warm_timings[model.descriptor.name] = timings
-        for batch, h, w, seconds in timings:
-            self.batch_seconds.setdefault((model.descriptor.name, h, w), {})[batch] = seconds
-        return timings
+
+    def warm_timings(self, name: str) -> list[tuple[int, int, int, float]]:
+        """(batch, h, w, seconds) of each batch of model `name` the warm-up timed."""
+        return [
+            (batch, h, w, seconds)
+            for (model, h, w), by_batch in self.batch_seconds.items()
+            if model == name
+            for batch, seconds in by_batch.items()
+        ]
 
     def _prepare_shape(
         self, model: LoadedModel, shape: tuple[int, ...], valid: torch.Tensor, *, full: bool
