@@ -5,9 +5,10 @@ run Python, at Python's switch interval and at a shorter one.
 
 Every torch call releases the GIL and takes it back. A thread that wants it back while
 another runs Python waits until that thread is made to let go: the switch interval, 5 ms
-by default. On a GPU host the device thread makes ~20 small calls a batch (the crops'
-concatenation, the graph's input copies and replay, the clamp, the quantisation, the
-pastes), each cheap on its own, so every wait is added to the batch. This times
+by default. On a GPU host the device thread makes ~17 small calls a batch (the crops'
+concatenation, the graph's input copies and replay, the clamp, the quantisation;
+`bench.device_thread` counts them in the runner itself), each cheap on its own, so every
+wait is added to the batch. This times
 `--ops` small tensor additions (the device thread's calls) while `--busy` threads run
 pure Python (the event loop and request threads at their busiest), for each interval.
 """

@@ -5,9 +5,9 @@ model, whole image / ACS / tiles, shape buckets), the batcher (`service.batcher`
 admission by cost, deadlines, fair batches across requests; pure asyncio) and the
 device runner (`service.runner`: load, warm, forward, split on OOM; the only code that
 touches the device). A request's pixels go to the device as integers, are normalised,
-planned and cut into crops there; each crop's output is quantised there and pasted
-into an integer canvas, which comes back to the host at the end. FastAPI is not
-imported here.
+planned and cut into crops there; each batch's outputs are quantised there and pasted
+into each request's integer canvas (a request of one crop keeps its slice of the batch
+instead), which comes back to the host at the end. FastAPI is not imported here.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from models.quality.matlab import imresize_tensor
 from models.runtime import acs
+from models.runtime.acs import CropPlan
 from models.runtime.device import side_stream
 from service import pixels
 from service.batcher import Batcher, BatchOutcome, Key, Slice
@@ -71,6 +72,26 @@ class UpscaleResult:
     queue_seconds: float
     compute_seconds: float
     peak_memory_bytes: int  # the largest batch peak among this request's batches
+
+
+@dataclass(eq=False)
+class Canvas:
+    """A request's quantised output on the device, filled by its batches. A plan of one
+    crop keeps that crop's slice of its batch's output as it is (the device thread then
+    makes no call for it); a plan of several pastes each crop's keep region into
+    `pixels`, allocated with the request's crops, as the crop's batch finishes."""
+
+    plan: CropPlan
+    scale: int
+    pixels: torch.Tensor | None = None  # (1, C, H·s, W·s) once complete; at least that
+
+    def paste(self, first: int, quantised: torch.Tensor) -> None:
+        if self.plan.is_whole:
+            self.pixels = quantised
+            return
+        assert self.pixels is not None, "a plan of several crops needs its canvas"
+        for j in range(quantised.shape[0]):
+            acs.paste(self.pixels, quantised[j : j + 1], self.plan, first + j, scale=self.scale)
 
 
 class Engine:
@@ -210,7 +231,8 @@ class Engine:
         finally:
             batcher.drop(ticket)
         s = model.descriptor.scale
-        out = await asyncio.to_thread(pixels.to_host, canvas[0, :, : h * s, : w * s], bits)
+        assert canvas.pixels is not None  # every crop was pasted
+        out = await asyncio.to_thread(pixels.to_host, canvas.pixels[0, :, : h * s, : w * s], bits)
         return UpscaleResult(
             image=out,
             model=name,
@@ -240,29 +262,24 @@ class Engine:
         target: tuple[int, int],
         grey: bool,
         bits: int,
-    ) -> tuple[Job, torch.Tensor, tuple[int, int]]:
-        """The request's crops on the device, as `plan` says, and its integer canvas with
-        the `paste` that fills it. On CUDA the device work runs on a side stream, beside
-        the forward in flight, and is complete on return."""
+    ) -> tuple[Job, Canvas, tuple[int, int]]:
+        """The request's crops on the device, as `plan` says, and the canvas its batches
+        fill. On CUDA the device work runs on a side stream, beside the forward in
+        flight, and is complete on return."""
         s = model.descriptor.scale
+        canvas = Canvas(plan.crops, s)
         with side_stream(self.device):
             crops, (h, w) = self._crops(model, plan, image, target)
-            canvas = torch.empty(
-                (1, 1 if grey else 3, plan.crops.height * s, plan.crops.width * s),
-                dtype=torch.uint8 if bits == 8 else torch.int32,
-                device=self.device,
-            )
+            if not plan.crops.is_whole:
+                canvas.pixels = torch.empty(
+                    (1, 1 if grey else 3, plan.crops.height * s, plan.crops.width * s),
+                    dtype=torch.uint8 if bits == 8 else torch.int32,
+                    device=self.device,
+                )
             crop_h, crop_w = plan.crops.crop_h, plan.crops.crop_w
             valid = torch.tensor([[crop_h, crop_w]], device=self.device).expand(len(crops), 2)
-
-        def paste(first: int, outputs: torch.Tensor) -> None:
-            quantised = pixels.quantise(
-                outputs[:, :, : crop_h * s, : crop_w * s], grey=grey, bits=bits
-            )
-            for j in range(quantised.shape[0]):
-                acs.paste(canvas, quantised[j : j + 1], plan.crops, first + j, scale=s)
-
-        return Job(crops, valid, paste, full=not plan.padded), canvas, (h, w)
+        job = Job(crops, valid, canvas.paste, full=not plan.padded, grey=grey, bits=bits)
+        return job, canvas, (h, w)
 
     def _crops(
         self, model: LoadedModel, plan: Plan, image: np.ndarray, target: tuple[int, int]

@@ -45,19 +45,24 @@ def to_unit(image: np.ndarray, device: torch.device) -> torch.Tensor:
     return x.to(torch.float32).div_(top).contiguous()
 
 
-def quantise(y: torch.Tensor, *, grey: bool, bits: int) -> torch.Tensor:
+def quantise(y: torch.Tensor, *, grey: bool, bits: int, overwrite: bool = False) -> torch.Tensor:
     """(N, 3, H, W) outputs in [0, 1] to integers: (N, C, H, W), C = 1 for grey (the
-    luma of the three planes) else 3; uint8 for 8 bits, int32 holding 16-bit values."""
-    y = y.to(torch.float32)
+    luma of the three planes) else 3; uint8 for 8 bits, int32 holding 16-bit values.
+    With `overwrite` the caller needs `y` no more: float32 outputs are quantised in
+    place, without a float copy of the batch (on the CPU a copy of a large batch costs
+    more than the arithmetic)."""
+    top = 65535.0 if bits == 16 else 255.0
     if grey:
+        y = y.to(torch.float32)
         weights = [torch.tensor(w, dtype=torch.float32, device=y.device) for w in _LUMA]
         luma = y[:, 0:1] * weights[0]
         luma = luma + y[:, 1:2] * weights[1]
-        y = luma + y[:, 2:3] * weights[2]
+        y = (luma + y[:, 2:3] * weights[2]).mul_(top)
+    elif y.dtype == torch.float32:
+        y = y.mul_(top) if overwrite else y.mul(top)
     else:
-        y = y.clone() if y.dtype == torch.float32 else y
-    top = 65535.0 if bits == 16 else 255.0
-    y = y.mul_(top).round_().clamp_(0.0, top)
+        y = y.to(torch.float32).mul_(top)
+    y = y.round_().clamp_(0.0, top)
     return y.to(torch.uint8 if bits == 8 else torch.int32)
 
 

@@ -7,8 +7,11 @@ request), runs batches on its one device thread, and splits a batch that runs ou
 memory (halves, then a grid of smaller tiles for a single crop). With buckets, a batch
 whose crops all fill their shape (a tile grid, a frame of its bucket's size) runs the
 plain network; a batch with padded crops runs the masked forward. Outputs stay on the
-device: each crop's output is clamped, quantised and pasted into its request's integer
-canvas by the request's `paste`, in the device thread.
+device: a batch's outputs are clamped and quantised once (per output form: RGB or grey,
+8 or 16 bits), and each request's `paste` takes its slice, in the device thread. Every
+torch call there waits for the GIL while other threads run Python, so the thread's calls
+per batch do not grow with its requests beyond a slice and a paste each
+(`bench.device_thread`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from models.runtime import acs
 from models.runtime.backend import Forward, MaskedForward, prepare, prepare_masked, resolve_backend
 from models.runtime.device import precision_dtype, resolve_device
 from models.runtime.graphs import GraphedForward
+from service import pixels
 from service.batcher import BatchOutcome, Key, Slice
 from service.errors import DeviceOutOfMemory
 from service.metrics import Metrics, peak_memory_bytes, reset_peak_memory
@@ -73,8 +77,11 @@ class Job:
 
     crops: torch.Tensor  # (n, 3, H, W) float32 in [0, 1], padded to the plan's shape
     valid: torch.Tensor  # (n, 2) int64: each crop's real (h, w) inside its padded shape
-    paste: Callable[[int, torch.Tensor], None]  # (first crop, clamped outputs) into the canvas
+    # (first crop, its outputs quantised in this job's form): into the request's canvas
+    paste: Callable[[int, torch.Tensor], None]
     full: bool = False  # every crop fills (H, W): no padding, so no mask is needed
+    grey: bool = False  # the output form `service.pixels.quantise` gives `paste`
+    bits: int = 8
 
 
 def activation_bytes(model: LoadedModel, shape: torch.Size | tuple[int, ...]) -> int:
@@ -279,7 +286,7 @@ class DeviceRunner:
     def run_batch(self, key: Key, slices: list[Slice]) -> BatchOutcome:
         """Concatenate the slices' crops, run them as warmed batch sizes (split or padded,
         whichever the warm-up timed cheaper), each through the plain network when all its
-        crops fill their shape, and hand each request its outputs (clamped, on the
+        crops fill their shape, and hand each request its outputs (quantised, on the
         device)."""
         self._busy_since = time.monotonic()
         try:
@@ -306,11 +313,20 @@ class DeviceRunner:
                 )
                 start = stop
             y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-            offset = 0
-            for job, s in zip(jobs, slices, strict=True):
-                count = s.stop - s.start
-                job.paste(s.start, y[offset : offset + count])
-                offset += count
+            # the batch quantised once per output form; in place when it has only one
+            wanted = {(job.grey, job.bits) for job in jobs}
+            with torch.inference_mode():  # as the forward made y
+                forms = {
+                    (grey, bits): pixels.quantise(
+                        y, grey=grey, bits=bits, overwrite=len(wanted) == 1
+                    )
+                    for grey, bits in wanted
+                }
+                offset = 0
+                for job, s in zip(jobs, slices, strict=True):
+                    count = s.stop - s.start
+                    job.paste(s.start, forms[job.grey, job.bits][offset : offset + count])
+                    offset += count
             self._synchronise()
             seconds = time.perf_counter() - started
             peak = peak_memory_bytes(self.device)

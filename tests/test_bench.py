@@ -13,7 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import batch_split, common, gil_convoy, gpu_targets, model_vs_machine, server_overhead
+from bench import (
+    batch_split,
+    common,
+    device_thread,
+    gil_convoy,
+    gpu_targets,
+    model_vs_machine,
+    server_overhead,
+)
 from bench.common import http_load_spread
 from models.quality.evaluate import read_rgb
 from service.settings import Settings
@@ -109,6 +117,20 @@ def test_gil_convoy_times_small_calls_beside_busy_threads() -> None:
     times = gil_convoy.time_calls(ops=5, busy=1, rounds=3)
     assert len(times) == 3 and all(t > 0 for t in times)
     assert not any("python_work" in t.name for t in threading.enumerate())  # stopped
+
+
+def test_the_device_thread_makes_as_many_torch_calls_for_eight_requests_as_for_two(
+    weights_dir: Path, datasets_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each torch call of the device thread waits for the GIL when other threads run
+    Python: a batch is quantised once per form and a one-crop request keeps its slice,
+    so its calls do not grow with the requests in it (they grew by six a request)."""
+    two = asyncio.run(device_thread.measure(2, [], 1, 0.5))
+    eight = asyncio.run(device_thread.measure(8, [1], 2, 0.5))
+    assert 0 < eight == two < 30
+    out = capsys.readouterr().out
+    assert "a batch of 8 one-crop requests" in out
+    assert "1 busy Python threads" in out and "ms per batch" in out
 
 
 def test_gpu_targets_takes_inductor_settings_by_name() -> None:

@@ -156,6 +156,48 @@ def test_images_of_different_sizes_share_batches(bucketed, datasets_dir: Path) -
     assert engine.device_busy_since() is None  # idle again
 
 
+def test_requests_of_every_output_form_in_one_batch_each_get_their_own(
+    weights_dir: Path, datasets_dir: Path
+) -> None:
+    """A batch is quantised once per output form (RGB or grey, 8 or 16 bits) and each
+    request takes its slice: an 8-bit RGB, a grey, a 16-bit and a tiled request meet in
+    one batch and each gets what it gets alone (>= 80 dB: another batch, another
+    padding), in its own form and size."""
+    settings = bucketed_settings(weights_dir, models=["x4"], max_batch_size=8)
+    settings = settings.model_copy(update={"max_batch_wait_ms": 500})
+    baboon = read_rgb(datasets_dir / "Set14" / "HR" / "baboon.png")
+    requests: list[tuple[np.ndarray, bool]] = [
+        (baboon[:40, :50], False),
+        (baboon[50:90, 20:70], True),
+        (baboon[100:140, 60:110].astype(np.uint16) * 257, False),
+        (baboon[150:230, 0:80], False),  # 80 px: four 64-px tiles
+    ]
+
+    async def go() -> tuple[list[UpscaleResult], list[UpscaleResult], float]:
+        engine = Engine(settings)
+        await engine.start()
+        try:
+            alone = [await engine.upscale(lr, 4, grey=grey) for lr, grey in requests]
+            before = engine.metrics.batches.labels(model="x4")._value.get()
+            together = await asyncio.gather(
+                *(engine.upscale(lr, 4, grey=grey) for lr, grey in requests)
+            )
+            return alone, together, engine.metrics.batches.labels(model="x4")._value.get() - before
+        finally:
+            await engine.stop()
+
+    alone, together, batches = asyncio.run(go())
+    assert batches == 1
+    assert together[3].crops == 4
+    for (lr, grey), one, shared in zip(requests, alone, together, strict=True):
+        channels = 1 if grey else 3
+        assert shared.image.shape == (4 * lr.shape[0], 4 * lr.shape[1], channels)
+        assert shared.image.dtype == (np.uint16 if lr.dtype == np.uint16 else np.uint8)
+        assert one.image.shape == shared.image.shape and one.image.dtype == shared.image.dtype
+        peak = 65535.0 if lr.dtype == np.uint16 else 255.0
+        assert psnr(shared.image, one.image, peak=peak) >= 80
+
+
 def _png(pixels: np.ndarray, mode: str) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels, mode).save(buf, format="PNG")
