@@ -83,7 +83,8 @@ class Canvas:
 
     plan: CropPlan
     scale: int
-    pixels: torch.Tensor | None = None  # (1, C, H·s, W·s) once complete; at least that
+    # (1, C, H·s, W·s) once complete; larger for a one-crop slice padded into its bucket
+    pixels: torch.Tensor | None = None
 
     def paste(self, first: int, quantised: torch.Tensor) -> None:
         if self.plan.is_whole:
