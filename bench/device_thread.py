@@ -24,8 +24,6 @@ import asyncio
 import os
 import statistics
 import sys
-import threading
-import time
 from collections.abc import Callable
 from types import FrameType
 
@@ -33,7 +31,7 @@ import numpy as np
 import torch
 
 from bench.common import hr_images, machine
-from bench.gil_convoy import python_work
+from bench.gil_convoy import beside_busy_threads
 from bench.server_overhead import nearest
 from service.batcher import Slice, Ticket
 from service.engine import Engine
@@ -78,26 +76,6 @@ def torch_calls(fn: Callable[[], object]) -> int:
     return count
 
 
-def timed(fn: Callable[[], object], busy: int, rounds: int) -> float:
-    """Median seconds of `fn` over `rounds` calls beside `busy` pure-Python threads."""
-    stop = threading.Event()
-    threads = [threading.Thread(target=python_work, args=(stop,)) for _ in range(busy)]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.05)
-    times = []
-    try:
-        for _ in range(rounds):
-            started = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - started)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
-    return statistics.median(times)
-
-
 async def batch_of(engine: Engine, jobs: int) -> Callable[[], object]:
     """A call of the runner's `run_batch` on one batch of `jobs` one-crop requests."""
     model = engine.models["x3"]
@@ -138,7 +116,7 @@ async def measure(jobs: int, busy: list[int], rounds: int, interval_ms: float) -
         sys.setswitchinterval(interval_ms / 1000)
         try:
             for threads in busy:
-                ms = 1000 * timed(run, threads, rounds)
+                ms = 1000 * statistics.median(beside_busy_threads(run, threads, rounds))
                 print(
                     f"switch interval {interval_ms:g} ms, {threads} busy Python threads: "
                     f"{ms:8.2f} ms per batch (median of {rounds})"

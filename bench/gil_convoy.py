@@ -20,6 +20,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -42,6 +43,11 @@ def python_work(stop: threading.Event) -> None:
 def time_calls(ops: int, busy: int, rounds: int = 30) -> list[float]:
     """Seconds for `ops` small torch calls, `rounds` times, beside `busy` Python threads."""
     x = torch.rand(8, 3, 64, 64)
+    return beside_busy_threads(lambda: small_calls(x, ops), busy, rounds)
+
+
+def beside_busy_threads(fn: Callable[[], object], busy: int, rounds: int) -> list[float]:
+    """Seconds of each of `rounds` calls of `fn` while `busy` threads run pure Python."""
     stop = threading.Event()
     threads = [threading.Thread(target=python_work, args=(stop,)) for _ in range(busy)]
     for thread in threads:
@@ -51,7 +57,7 @@ def time_calls(ops: int, busy: int, rounds: int = 30) -> list[float]:
     try:
         for _ in range(rounds):
             started = time.perf_counter()
-            small_calls(x, ops)
+            fn()
             times.append(time.perf_counter() - started)
     finally:
         stop.set()
