@@ -336,11 +336,12 @@ class Batcher:
                     s.ticket.future.set_exception(exc)
             return
         self.throughput.observe(key[0], key[1] * key[2] * crops, outcome.seconds)
+        for t in {s.ticket: None for s in batch}:  # a ticket may be several slices of it
+            t.compute_seconds += outcome.seconds
+            t.peak_memory_bytes = max(t.peak_memory_bytes, outcome.peak_memory_bytes)
         for s in batch:
             t = s.ticket
             t.finished += s.stop - s.start
-            t.compute_seconds += outcome.seconds
-            t.peak_memory_bytes = max(t.peak_memory_bytes, outcome.peak_memory_bytes)
             if t.finished == t.count and not t.future.done():
                 t.future.set_result(Served(t.queue_seconds, t.compute_seconds, t.peak_memory_bytes))
 

@@ -269,3 +269,22 @@ def test_a_lone_request_fills_whole_batches() -> None:
 
     batches = asyncio.run(scenario())
     assert [sum(z - a for _, a, z in b) for b in batches] == [8, 8, 4]
+
+
+def test_a_request_is_charged_each_of_its_batches_once() -> None:
+    """A request's crops may fill a batch as several slices (a few crops per turn); its
+    compute time (Server-Timing's "inference") counts that batch once, not per slice:
+    20 crops in batches of 8, 8 and 4 took three batches of 1 s."""
+
+    async def scenario() -> float:
+        clock = FakeClock()
+        runner = FakeRunner(clock)
+        batcher = make(clock, runner)
+        batcher.start()
+        t = batcher.submit(KEY, 20, "alone", clock.now + 100)
+        served = await t.future
+        await batcher.stop()
+        assert max(len(b) for b in runner.batches) > 1, "several slices in one batch"
+        return served.compute_seconds
+
+    assert asyncio.run(scenario()) == 3.0
