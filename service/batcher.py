@@ -134,9 +134,12 @@ class Batcher:
         max_wait_s: float,
         max_queue_crops: int,
         unit: int = 4,
+        batch_limit: Callable[[Key], int] | None = None,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
+        """`batch_limit(key)`: the most crops a batch of `key` takes, when lower than
+        `max_batch` (a frame bucket's: 1); a key at its limit runs without waiting."""
         if max_batch < 1 or unit < 1 or max_queue_crops < 1:
             raise ValueError("max_batch, unit and max_queue_crops must be >= 1")
         self._run = run
@@ -144,6 +147,7 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.max_queue_crops = max_queue_crops
         self.unit = min(unit, max_batch)
+        self._batch_limit = batch_limit
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.throughput = Throughput()
@@ -250,13 +254,19 @@ class Batcher:
 
     # Scheduling
 
-    def _ready_at(self, queue: deque[Ticket]) -> float:
+    def limit(self, key: Key) -> int:
+        """The most crops a batch of `key` takes."""
+        if self._batch_limit is None:
+            return self.max_batch
+        return max(1, min(self.max_batch, self._batch_limit(key)))
+
+    def _ready_at(self, key: Key) -> float:
         """When a key's queue may run a batch: now if it holds a full batch or crops of a
         ticket already started, else when its oldest ticket has waited `max_wait_s`."""
-        live = [t for t in queue if not t.future.done()]
+        live = [t for t in self._queues[key] if not t.future.done()]
         if not live:
             return math.inf
-        if sum(t.remaining for t in live) >= self.max_batch or any(t.taken for t in live):
+        if sum(t.remaining for t in live) >= self.limit(key) or any(t.taken for t in live):
             return -math.inf
         return min(t.enqueued for t in live) + self.max_wait_s
 
@@ -266,7 +276,7 @@ class Batcher:
         soonest = math.inf
         for i in range(len(keys)):
             index = (self._turn + i) % len(keys)
-            ready_at = self._ready_at(self._queues[keys[index]])
+            ready_at = self._ready_at(keys[index])
             if ready_at <= now:
                 self._turn = index + 1
                 return keys[index], now
@@ -289,13 +299,14 @@ class Batcher:
                 await asyncio.sleep(0)  # every ticket of the key had ended: look again
 
     def _take(self, key: Key) -> list[Slice]:
-        """Up to `max_batch` crops of `key`: `unit` crops per ticket per turn, round-robin;
-        tickets past their deadline fail here."""
+        """Up to `limit(key)` crops of `key`: `unit` crops per ticket per turn,
+        round-robin; tickets past their deadline fail here."""
         queue = self._queues[key]
         batch: list[Slice] = []
         size, skipped = 0, 0
+        limit = self.limit(key)
         now = self.clock()
-        while queue and size < self.max_batch and skipped < len(queue):
+        while queue and size < limit and skipped < len(queue):
             t = queue[0]
             if t.future.done() or now > t.deadline:
                 queue.popleft()
@@ -303,8 +314,8 @@ class Batcher:
                 if not t.future.done():
                     t.future.set_exception(DeadlineExceeded("the request expired in the queue"))
                 continue
-            chunk = min(self.unit, t.remaining)
-            if size + chunk > self.max_batch:
+            chunk = min(self.unit, t.remaining, limit)
+            if size + chunk > limit:
                 queue.rotate(-1)
                 skipped += 1
                 continue

@@ -271,6 +271,38 @@ def test_a_lone_request_fills_whole_batches() -> None:
     assert [sum(z - a for _, a, z in b) for b in batches] == [8, 8, 4]
 
 
+def test_a_key_with_a_batch_limit_of_one_runs_each_crop_alone_and_at_once() -> None:
+    """Frames run one to a batch: three frames queued together run as three batches, the
+    first request done after the first, and none waits out the batching window (an hour
+    here) for more crops; other keys still fill batches of 8."""
+    frame: Key = ("x2", 1080, 1920)
+
+    async def scenario() -> tuple[list[list[tuple[str, int, int]]], list[float]]:
+        clock = FakeClock()
+        runner = FakeRunner(clock)
+        batcher = make(
+            clock,
+            runner,
+            max_wait_s=3600.0,
+            batch_limit=lambda key: 1 if key == frame else 8,
+        )
+        batcher.start()
+        tickets = [batcher.submit(frame, 1, name, clock.now + 100) for name in "abc"]
+        tiles = batcher.submit(KEY, 8, "tiles", clock.now + 100)
+        done = []
+        for t in [*tickets, tiles]:
+            served = await asyncio.wait_for(t.future, timeout=5)
+            done.append(served.compute_seconds)
+        await batcher.stop()
+        return runner.batches, done
+
+    batches, charged = asyncio.run(scenario())
+    frames = [b for b in batches if b[0][0] != "tiles"]
+    assert frames == [[("a", 0, 1)], [("b", 0, 1)], [("c", 0, 1)]]
+    assert [("tiles", 0, 4), ("tiles", 4, 8)] in batches and len(batches) == 4
+    assert charged == [1.0, 1.0, 1.0, 1.0]
+
+
 def test_a_request_is_charged_each_of_its_batches_once() -> None:
     """A request's crops may fill a batch as several slices (a few crops per turn); its
     compute time (Server-Timing's "inference") counts that batch once, not per slice:

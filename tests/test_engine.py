@@ -381,6 +381,35 @@ def test_full_crops_run_the_plain_network_and_padded_ones_the_masked_forward(
     assert psnr(by_padding.image, whole_forward(x4, small)) >= 80
 
 
+def test_frames_run_one_to_a_batch_without_waiting_for_company(
+    weights_dir: Path, datasets_dir: Path
+) -> None:
+    """Two frames sent together run as two batches of one, so each request ends with its
+    own frame, and neither waits out the batching window (2 s here) for more crops."""
+    window_s = 2.0
+    settings = bucketed_settings(
+        weights_dir, models=["x4"], frame_buckets=["90x120"], max_batch_wait_ms=1000 * window_s
+    )
+    baboon = read_rgb(datasets_dir / "Set14" / "HR" / "baboon.png")
+    frames = [baboon[:90, :120], baboon[100:190, 100:220]]
+
+    async def go() -> tuple[list[UpscaleResult], float]:
+        engine = Engine(settings)
+        await engine.start()
+        try:
+            before = engine.metrics.batches.labels(model="x4")._value.get()
+            results = await asyncio.gather(*(engine.upscale(f, 4) for f in frames))
+            return results, engine.metrics.batches.labels(model="x4")._value.get() - before
+        finally:
+            await engine.stop()
+
+    results, batches = asyncio.run(go())
+    assert batches == 2
+    for result in results:
+        assert result.crops == 1 and result.image.shape == (360, 480, 3)
+        assert result.queue_seconds < window_s
+
+
 def test_frame_buckets_are_height_x_width(weights_dir: Path) -> None:
     assert Settings(weights_dir=weights_dir, frame_buckets=["1080x1920"]).frame_buckets == [
         (1080, 1920)
