@@ -536,8 +536,10 @@ async def _superres(
         metrics.observe_pixels(model, decoded.width * decoded.height, out_w * out_h)
         stages = [
             ("decode", decode_s),
+            ("prepare", result.prepare_seconds),
             ("queue", result.queue_seconds),
             ("inference", result.compute_seconds),
+            ("readback", result.readback_seconds),
             ("compose", compose_s),
         ]
         headers = {"X-IMDN-Model": model, "X-IMDN-Crops": str(result.crops), **VARY}

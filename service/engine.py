@@ -72,6 +72,11 @@ class UpscaleResult:
     queue_seconds: float
     compute_seconds: float
     peak_memory_bytes: int  # the largest batch peak among this request's batches
+    # the pixels to the device, normalised and cut into crops; the output back to the host
+    # (each with its wait for a worker thread): between them and the batches, a request's
+    # time on the engine is accounted for
+    prepare_seconds: float = 0.0
+    readback_seconds: float = 0.0
 
 
 @dataclass(eq=False)
@@ -227,9 +232,11 @@ class Engine:
         plan = self._plan_for(model, *(target if model.descriptor.any_scale else image.shape[:2]))
         key = (name, *plan.shape)
         batcher.admit(key, len(plan.crops.crops), deadline)
+        started = time.perf_counter()
         job, canvas, (h, w) = await asyncio.to_thread(
             self._prepare, model, plan, image, target, grey, bits
         )
+        prepare_s = time.perf_counter() - started
         ticket = batcher.submit(key, job.crops.shape[0], job, deadline)
         try:
             served = await asyncio.wait_for(
@@ -243,6 +250,7 @@ class Engine:
             batcher.drop(ticket)
         s = model.descriptor.scale
         assert canvas.pixels is not None  # every crop was pasted
+        started = time.perf_counter()
         out = await asyncio.to_thread(pixels.to_host, canvas.pixels[0, :, : h * s, : w * s], bits)
         return UpscaleResult(
             image=out,
@@ -251,6 +259,8 @@ class Engine:
             queue_seconds=served.queue_seconds,
             compute_seconds=served.compute_seconds,
             peak_memory_bytes=served.peak_memory_bytes,
+            prepare_seconds=prepare_s,
+            readback_seconds=time.perf_counter() - started,
         )
 
     def _padded_size(self, model: LoadedModel, height: int, width: int) -> tuple[int, int]:

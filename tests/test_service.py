@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,17 +96,22 @@ def test_fixed_scale_equals_the_model_and_its_psnr(
 ) -> None:  # type: ignore[no-untyped-def]
     lr_path = datasets_dir / "Set5" / "LR_bicubic" / f"x{scale}" / f"birdx{scale}.bmp"
     lr = read_rgb(lr_path)
+    started = time.perf_counter()
     r = client.post(
         f"/v1/superres?scale={scale}",
         content=lr_path.read_bytes(),
         headers={"Content-Type": "image/bmp"},
     )
+    elapsed_ms = 1000 * (time.perf_counter() - started)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "image/png"
     assert r.headers["x-imdn-model"] == f"x{scale}"
     timing = r.headers["server-timing"]
-    for stage in ("decode", "queue", "inference", "compose"):
-        assert f"{stage};dur=" in timing
+    stages = [part.split(";")[0].strip() for part in timing.split(",")]
+    assert stages == ["decode", "prepare", "queue", "inference", "readback", "compose"]
+    # one after another within the request: together no longer than the client waited
+    durations = [float(d) for d in re.findall(r"dur=([\d.]+)", timing)]
+    assert all(d >= 0 for d in durations) and 0 < sum(durations) <= elapsed_ms
     out = read_png(r.content)
     assert out.shape == (lr.shape[0] * scale, lr.shape[1] * scale, 3)
     expected = whole_forward(official_model(f"x{scale}"), lr)
