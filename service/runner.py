@@ -292,10 +292,13 @@ class DeviceRunner:
         try:
             model = self.models[key[0]]
             jobs = [cast(Job, s.ticket.payload) for s in slices]
-            x = torch.cat([j.crops[s.start : s.stop] for j, s in zip(jobs, slices, strict=True)])
-            valid = torch.cat(
-                [j.valid[s.start : s.stop] for j, s in zip(jobs, slices, strict=True)]
-            )
+            pieces = [(j, s.start, s.stop) for j, s in zip(jobs, slices, strict=True)]
+            if len(pieces) == 1:  # one request's crops (a frame): no copy of them
+                j, a, z = pieces[0]
+                x, valid = j.crops[a:z], j.valid[a:z]
+            else:
+                x = torch.cat([j.crops[a:z] for j, a, z in pieces])
+                valid = torch.cat([j.valid[a:z] for j, a, z in pieces])
             fills = [
                 j.full for j, s in zip(jobs, slices, strict=True) for _ in range(s.start, s.stop)
             ]

@@ -372,7 +372,8 @@ def _pad_to(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def extract(x: torch.Tensor, plan: CropPlan) -> torch.Tensor:
-    """Cut `x` (B, C, H, W) into a batch (B * N, C, crop_h, crop_w) of the plan's N crops.
+    """Cut `x` (B, C, H, W) into a batch (B * N, C, crop_h, crop_w) of the plan's N crops
+    (`x` itself for a plan of the whole image).
 
     Image-major order: crop i of image b is at index b * N + i, so
     `batch.view(B, N, ...)` splits them back.
@@ -380,6 +381,8 @@ def extract(x: torch.Tensor, plan: CropPlan) -> torch.Tensor:
     b, c, h, w = x.shape
     if (h, w) != (plan.height, plan.width):
         raise ValueError(f"plan is for {plan.height}x{plan.width}, input is {h}x{w}")
+    if plan.is_whole:  # the image itself, not a copy of it
+        return x
     pieces = [
         x[:, :, cr.top : cr.top + plan.crop_h, cr.left : cr.left + plan.crop_w] for cr in plan.crops
     ]
