@@ -237,6 +237,7 @@ class Engine:
             self._prepare, model, plan, image, target, grey, bits
         )
         prepare_s = time.perf_counter() - started
+        self.metrics.observe_transfer("to_device", prepare_s)
         ticket = batcher.submit(key, job.crops.shape[0], job, deadline)
         try:
             served = await asyncio.wait_for(
@@ -252,6 +253,8 @@ class Engine:
         assert canvas.pixels is not None  # every crop was pasted
         started = time.perf_counter()
         out = await asyncio.to_thread(pixels.to_host, canvas.pixels[0, :, : h * s, : w * s], bits)
+        readback_s = time.perf_counter() - started
+        self.metrics.observe_transfer("to_host", readback_s)
         return UpscaleResult(
             image=out,
             model=name,
@@ -260,7 +263,7 @@ class Engine:
             compute_seconds=served.compute_seconds,
             peak_memory_bytes=served.peak_memory_bytes,
             prepare_seconds=prepare_s,
-            readback_seconds=time.perf_counter() - started,
+            readback_seconds=readback_s,
         )
 
     def _padded_size(self, model: LoadedModel, height: int, width: int) -> tuple[int, int]:

@@ -77,6 +77,7 @@ SECONDS_BUCKETS = seconds_buckets(120.0)
 OUTCOMES: tuple[str, ...] = ("ok", "client_error", "rejected", "timeout", "cancelled", "error")
 """Values of `imdn_requests_total{outcome}`: how a request ended."""
 ENCODE_FORMATS: tuple[str, ...] = ("png", "webp", "jpeg")
+TRANSFER_DIRECTIONS: tuple[str, ...] = ("to_device", "to_host")
 """Values of `imdn_encode_seconds{format}`."""
 
 UNROUTED = "unrouted"
@@ -161,6 +162,17 @@ class Metrics:
             buckets=seconds,
             registry=r,
         )
+        self.transfer = Histogram(
+            "imdn_transfer_seconds",
+            "One request's pixels between host and device, with the wait for a worker "
+            "thread: to_device (upload, normalise, cut into crops; Server-Timing prepare) "
+            "and to_host (the output back; Server-Timing readback).",
+            ["direction"],
+            buckets=seconds,
+            registry=r,
+        )
+        for direction in TRANSFER_DIRECTIONS:
+            self.transfer.labels(direction=direction)
         self.encode = Histogram(
             "imdn_encode_seconds",
             "Encoding one output image, by format (png, webp, jpeg).",
@@ -305,6 +317,11 @@ class Metrics:
 
     def observe_decode(self, seconds: float) -> None:
         self.decode.observe(seconds)
+
+    def observe_transfer(self, direction: str, seconds: float) -> None:
+        if direction not in TRANSFER_DIRECTIONS:
+            raise ValueError(f"unknown direction {direction!r}; expected {TRANSFER_DIRECTIONS}")
+        self.transfer.labels(direction=direction).observe(seconds)
 
     def observe_encode(self, seconds: float, *, format: str = "png") -> None:
         if format not in ENCODE_FORMATS:

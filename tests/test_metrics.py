@@ -34,6 +34,7 @@ EXPECTED_TYPES = {
     "imdn_compute_seconds": "histogram",
     "imdn_decode_seconds": "histogram",
     "imdn_encode_seconds": "histogram",
+    "imdn_transfer_seconds": "histogram",
     "imdn_image_forward_seconds": "histogram",
     "imdn_batch_size": "histogram",
     "imdn_queue_depth": "gauge",
@@ -133,6 +134,11 @@ def test_stage_timings_pixels_errors_and_gauges() -> None:
     assert value(m, "imdn_queue_wait_seconds_bucket", model="x2", le="0.005") == 1
     assert value(m, "imdn_time_to_first_byte_seconds_sum", model="x2") == pytest.approx(0.08)
     assert value(m, "imdn_decode_seconds_count") == 1
+    m.observe_transfer("to_host", 0.002)
+    assert value(m, "imdn_transfer_seconds_count", direction="to_host") == 1
+    assert value(m, "imdn_transfer_seconds_count", direction="to_device") == 0
+    with pytest.raises(ValueError, match="unknown direction"):
+        m.observe_transfer("sideways", 0.1)
     assert value(m, "imdn_encode_seconds_sum", format="png") == pytest.approx(0.04)
     assert value(m, "imdn_input_pixels_total", model="x2") == 65_536
     assert value(m, "imdn_output_pixels_total", model="x2") == 262_144

@@ -286,6 +286,7 @@ class KnownSequence:
     output_pixels: dict[str, int]
     latencies: dict[str, list[float]]  # client wall time per request
     inference: dict[str, list[float]]  # Server-Timing `inference`: device compute only
+    transfers: dict[str, list[float]]  # Server-Timing `prepare` and `readback`, in seconds
     report: dict[str, Any]
     report_markdown: str
     markdown_type: str
@@ -297,7 +298,7 @@ def known_sequence(weights_dir: Path, datasets_dir: Path) -> KnownSequence:
     hr = datasets_dir / "Set5" / "HR"
     plan = [(2, name) for name in X2_IMAGES] + [(4, name) for name in X4_IMAGES]
     settings = Settings(weights_dir=weights_dir, models=["x2", "x4"], warmup=False)
-    seq = KnownSequence({}, {}, {}, {}, {}, "", "", "")
+    seq = KnownSequence({}, {}, {}, {}, {"prepare": [], "readback": []}, {}, "", "", "")
     with live_server(settings) as server, httpx.Client(base_url=server.url, timeout=120) as c:
         for scale, name in plan:  # one at a time: each request is its own batch
             model = f"x{scale}"
@@ -310,6 +311,10 @@ def known_sequence(weights_dir: Path, datasets_dir: Path) -> KnownSequence:
             timing = re.search(r"inference;dur=([\d.]+)", r.headers["server-timing"])
             assert timing
             seq.inference.setdefault(model, []).append(float(timing[1]) / 1000)
+            for stage, times in seq.transfers.items():
+                found = re.search(rf"{stage};dur=([\d.]+)", r.headers["server-timing"])
+                assert found
+                times.append(float(found[1]) / 1000)
             h, w = lr.shape[:2]
             seq.input_pixels[model] = seq.input_pixels.get(model, 0) + h * w
             seq.output_pixels[model] = seq.output_pixels.get(model, 0) + h * w * scale**2
@@ -401,6 +406,13 @@ def test_metrics_agree_with_the_report_and_the_pixels_sent(known_sequence: Known
         )
         assert sample_sum(text, "imdn_model_parameters", model=model) == PARAMETERS[model]
     assert sample_sum(text, "imdn_decode_seconds_count") == sum(rows[m]["requests"] for m in rows)
+    # the transfers are what Server-Timing's prepare and readback said, request by request
+    for direction, stage in (("to_device", "prepare"), ("to_host", "readback")):
+        times = seq.transfers[stage]
+        assert sample_sum(text, "imdn_transfer_seconds_count", direction=direction) == len(times)
+        assert sample_sum(text, "imdn_transfer_seconds_sum", direction=direction) == pytest.approx(
+            sum(times), abs=1e-3 * len(times)
+        )
     assert sample_sum(text, "imdn_errors_total") == 0
 
 
