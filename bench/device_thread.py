@@ -14,7 +14,9 @@ each (Set14 photos cut to 40-64 px, padded into a 64 px bucket) in one batch, an
 network replaced by nearest-neighbour upsampling so that the calls, not the arithmetic,
 are what is timed. It prints the torch calls the batch makes from Python (each a GIL
 release), and the batch's median time alone and beside `--busy` pure-Python threads, at
-the GIL switch interval the runner sets with CUDA (0.5 ms).
+the GIL switch interval the runner sets with CUDA (0.5 ms). On a GPU host, `--device
+cuda` runs the batch there, and `--network imdn` with x3's real network, warmed and
+graphed as the service runs it.
 """
 
 from __future__ import annotations
@@ -76,10 +78,12 @@ def torch_calls(fn: Callable[[], object]) -> int:
     return count
 
 
-async def batch_of(engine: Engine, jobs: int) -> Callable[[], object]:
-    """A call of the runner's `run_batch` on one batch of `jobs` one-crop requests."""
+async def batch_of(engine: Engine, jobs: int, *, stand_in: bool = True) -> Callable[[], object]:
+    """A call of the runner's `run_batch` on one batch of `jobs` one-crop requests, x3's
+    network replaced by nearest-neighbour upsampling unless not `stand_in`."""
     model = engine.models["x3"]
-    model.forward = model.masked = model.masked_eager = nearest(3)
+    if stand_in:
+        model.forward = model.masked = model.masked_eager = nearest(3)
     loop = asyncio.get_running_loop()
     slices, key = [], None
     for lr in photo_crops(jobs):
@@ -93,22 +97,34 @@ async def batch_of(engine: Engine, jobs: int) -> Callable[[], object]:
     return lambda: engine.runner.run_batch(key, slices)
 
 
-async def measure(jobs: int, busy: list[int], rounds: int, interval_ms: float) -> int:
-    """Print (and return) the batch's torch calls, then its time beside each of `busy`."""
+async def measure(
+    jobs: int,
+    busy: list[int],
+    rounds: int,
+    interval_ms: float,
+    *,
+    device: str = "cpu",
+    network: str = "nearest",
+) -> int:
+    """Print (and return) the batch's torch calls, then its time beside each of `busy`.
+    With the real `network` ("imdn") the model is warmed as the service warms it (on
+    CUDA: fp16, the bucket's CUDA graphs at every batch size)."""
+    real = network == "imdn"
     settings = Settings(
-        device="cpu",
+        device=device,
         weights_dir=os.environ.get("IMDN_WEIGHTS_DIR", str(WEIGHTS)),
         models=["x3"],
         shape_buckets="on",
         tile_max_pixels=BUCKET * BUCKET,
         tile_padding=8,
         max_batch_size=max(jobs, 8),
-        warmup=False,
+        warmup=real,
     )
     engine = Engine(settings)
     await engine.start()
+    print(f"device {engine.device}, {engine.dtype}, network {network}")
     try:
-        run = await batch_of(engine, jobs)
+        run = await batch_of(engine, jobs, stand_in=not real)
         run()  # the first call's costs
         calls = torch_calls(run)
         print(f"a batch of {jobs} one-crop requests: {calls} torch calls from Python")
@@ -134,10 +150,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--busy", type=int, nargs="+", default=[0, 1, 3])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--interval", type=float, default=0.5, metavar="MS")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU host")
+    parser.add_argument(
+        "--network",
+        choices=["nearest", "imdn"],
+        default="nearest",
+        help="the stand-in (the calls alone) or x3's real network, warmed",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    print(machine(torch.device("cpu")))
-    asyncio.run(measure(args.jobs, args.busy, args.rounds, args.interval))
+    print(machine(torch.device(args.device)))
+    asyncio.run(
+        measure(
+            args.jobs,
+            args.busy,
+            args.rounds,
+            args.interval,
+            device=args.device,
+            network=args.network,
+        )
+    )
 
 
 if __name__ == "__main__":

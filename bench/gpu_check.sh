@@ -41,7 +41,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 quick=()
 python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || quick=(--quick)
 frames='["1080x1920"]'  # a frame bucket of the frame the targets send (--quick sends 68x120)
-[ ${#quick[@]} -eq 0 ] || frames='["68x120"]'
+device=cuda threads=(--rounds 20)  # bench.device_thread's device and rounds
+[ ${#quick[@]} -eq 0 ] || { frames='["68x120"]'; device=cpu threads=(--jobs 8 --rounds 2); }
 steps=("$@")
 [ $# -gt 0 ] || steps=(gpu_tests targets targets_frames frames_compiled suite_device gpu_compile_test)
 for s in "${steps[@]}"; do
@@ -74,6 +75,11 @@ for s in "${steps[@]}"; do
     step server_overhead 90 bash -c "python3 -m bench.server_overhead --clients 16 --gil \
       && python3 -m bench.server_overhead --frame --clients 16 --rounds 20 --gil"
     grep -E "requests/s|per request" "$O/server_overhead.txt" ;;
+  device_thread)  # the device thread's torch calls and time per batch of 32 small requests,
+    # beside busy Python threads: the stand-in network (the calls), then x3's, graphed
+    step device_thread 90 bash -c "python3 -m bench.device_thread --device $device ${threads[*]} \
+      && python3 -m bench.device_thread --device $device --network imdn ${threads[*]}"
+    grep -E "network|calls|per batch" "$O/device_thread.txt" ;;
   batch_split)  # batches split by the warm-up's timings against padded ones, in process
     step batch_split 90 python3 -m bench.batch_split "${quick[@]}" --clients 8 --rounds 3
     tail -n 3 "$O/batch_split.txt" ;;
