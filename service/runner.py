@@ -9,8 +9,8 @@ whose crops all fill their shape (a tile grid, a frame of its bucket's size) run
 plain network; a batch with padded crops runs the masked forward. Outputs stay on the
 device: a batch's outputs are clamped and quantised once (per output form: RGB or grey,
 8 or 16 bits), and each request's `paste` takes its slice, in the device thread. Every
-torch call there waits for the GIL while other threads run Python, so the thread's calls
-per batch do not grow with its requests beyond a slice and a paste each
+torch call there waits for the GIL while other threads run Python, so its calls per
+batch do not grow with the requests in it; only a tiled request adds one paste per crop
 (`bench.device_thread`).
 """
 
