@@ -147,7 +147,7 @@ class Engine:
             max_batch=self.settings.max_batch_size,
             max_wait_s=self.settings.max_batch_wait_ms / 1000,
             max_queue_crops=self.settings.max_queue_crops,
-            batch_limit=self._batch_limit,
+            batch_limit=self.runner.batch_limit,
             metrics=self.metrics,
         )
         await self.runner.call(self.runner.configure)
@@ -185,15 +185,6 @@ class Engine:
         if self._batcher is not None:
             await self._batcher.stop()
         self.runner.shutdown()
-
-    def _batch_limit(self, key: Key) -> int:
-        """Frames run one to a batch (a frame fills the device; only batch size 1 is
-        warmed): a batch of several would hold each request until the others' frames are
-        done, and wait for more frames to arrive first."""
-        name, h, w = key
-        model = self.models.get(name)
-        frame = model is not None and (h, w) in model.frame_shapes
-        return 1 if frame else self.settings.max_batch_size
 
     async def _run(self, key: Key, slices: list[Slice]) -> BatchOutcome:
         return cast(BatchOutcome, await self.runner.call(self.runner.run_batch, key, slices))

@@ -299,9 +299,7 @@ class DeviceRunner:
             else:
                 x = torch.cat([j.crops[a:z] for j, a, z in pieces])
                 valid = torch.cat([j.valid[a:z] for j, a, z in pieces])
-            fills = [
-                j.full for j, s in zip(jobs, slices, strict=True) for _ in range(s.start, s.stop)
-            ]
+            fills = [j.full for j, a, z in pieces for _ in range(a, z)]
             n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
             self.shapes_run.setdefault(model.descriptor.name, set()).add((h, w))
             reset_peak_memory(self.device)
@@ -326,10 +324,9 @@ class DeviceRunner:
                     for grey, bits in wanted
                 }
                 offset = 0
-                for job, s in zip(jobs, slices, strict=True):
-                    count = s.stop - s.start
-                    job.paste(s.start, forms[job.grey, job.bits][offset : offset + count])
-                    offset += count
+                for j, a, z in pieces:
+                    j.paste(a, forms[j.grey, j.bits][offset : offset + z - a])
+                    offset += z - a
             self._synchronise()
             seconds = time.perf_counter() - started
             peak = peak_memory_bytes(self.device)
@@ -338,13 +335,23 @@ class DeviceRunner:
         finally:
             self._busy_since = None
 
+    def batch_limit(self, key: Key) -> int:
+        """The most crops of `key` one batch should hold (the batcher's limit): a frame
+        fills the device and only batch size 1 is warmed, so frames run one to a batch
+        (several would hold each request until the others' frames are done); any other
+        shape up to `max_batch_size`."""
+        name, h, w = key
+        model = self.models.get(name)
+        frame = model is not None and (h, w) in model.frame_shapes
+        return 1 if frame else self.settings.max_batch_size
+
     def _batch_sizes(self, model: LoadedModel, h: int, w: int, n: int) -> list[int]:
         """The batches `n` crops of shape (h, w) run as, in order; their sizes add up to
         `n` or more (the last one padded). Without buckets one batch of `n`; a frame one
-        crop at a time (it fills the device, and only batch size 1 is warmed); else the
-        warmed batch sizes of least total time by the warm-up's timings (`batch_split`),
-        or, without timings, the smallest warmed size that holds them all."""
-        if (h, w) in model.frame_shapes:
+        crop at a time (`batch_limit`); else the warmed batch sizes of least total time by
+        the warm-up's timings (`batch_split`), or, without timings, the smallest warmed
+        size that holds them all."""
+        if self.batch_limit((model.descriptor.name, h, w)) == 1:
             return [1] * n
         if not self.planner.batch_sizes:
             return [n]
