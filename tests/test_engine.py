@@ -92,6 +92,11 @@ def test_bench_reports_the_shapes_the_device_ran(weights_dir: Path, datasets_dir
         assert set(shapes) <= set(planner.shapes(multiple)), cell
 
 
+def batches_run(engine: Engine, model: str) -> float:
+    """The batches the engine has run for `model` (its `imdn_batches_total`)."""
+    return float(engine.metrics.batches.labels(model=model)._value.get())
+
+
 def bucketed_settings(weights_dir: Path, **extra: Any) -> Settings:
     """CPU, buckets on, small tiles (64 px for x4), no warm-up unless `extra` says: the
     bucketed path quickly."""
@@ -143,7 +148,7 @@ def test_images_of_different_sizes_share_batches(bucketed, datasets_dir: Path) -
     engine, loop = bucketed
     lr = read_rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "birdx4.bmp")
     sizes = [(20, 30), (40, 17), (33, 33), (64, 48)]
-    before = engine.metrics.batches.labels(model="x4")._value.get()
+    before = batches_run(engine, "x4")
 
     async def all_at_once() -> list[np.ndarray]:
         results = await asyncio.gather(*(engine.upscale(lr[:h, :w], 4) for h, w in sizes))
@@ -151,7 +156,7 @@ def test_images_of_different_sizes_share_batches(bucketed, datasets_dir: Path) -
 
     images = loop.run_until_complete(all_at_once())
     assert [i.shape[:2] for i in images] == [(4 * h, 4 * w) for h, w in sizes]
-    batches = engine.metrics.batches.labels(model="x4")._value.get() - before
+    batches = batches_run(engine, "x4") - before
     assert batches < len(sizes), "four sizes, one bucket: they should share batches"
     assert engine.device_busy_since() is None  # idle again
 
@@ -178,11 +183,11 @@ def test_requests_of_every_output_form_in_one_batch_each_get_their_own(
         await engine.start()
         try:
             alone = [await engine.upscale(lr, 4, grey=grey) for lr, grey in requests]
-            before = engine.metrics.batches.labels(model="x4")._value.get()
+            before = batches_run(engine, "x4")
             together = await asyncio.gather(
                 *(engine.upscale(lr, 4, grey=grey) for lr, grey in requests)
             )
-            return alone, together, engine.metrics.batches.labels(model="x4")._value.get() - before
+            return alone, together, batches_run(engine, "x4") - before
         finally:
             await engine.stop()
 
@@ -397,9 +402,9 @@ def test_frames_run_one_to_a_batch_without_waiting_for_company(
         engine = Engine(settings)
         await engine.start()
         try:
-            before = engine.metrics.batches.labels(model="x4")._value.get()
+            before = batches_run(engine, "x4")
             results = await asyncio.gather(*(engine.upscale(f, 4) for f in frames))
-            return results, engine.metrics.batches.labels(model="x4")._value.get() - before
+            return results, batches_run(engine, "x4") - before
         finally:
             await engine.stop()
 
