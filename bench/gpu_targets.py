@@ -64,6 +64,9 @@ FULL = Sizes((1080, 1920), "Set14", 14, (8, 32), 16, 10, None)
 QUICK = Sizes((68, 120), "Set5", 3, (2, 4), 2, 2, 48)
 
 
+WHAT_WIDTH = 78  # the first column of the printed table
+
+
 @dataclass
 class Row:
     what: str
@@ -74,7 +77,8 @@ class Row:
 
     def line(self) -> str:
         verdict = {True: "met", False: "NOT met", None: ""}[self.met]
-        return f"{self.what:<78} {self.figure:>10.2f} {self.unit:<10} {self.target:<22} {verdict}"
+        figure = f"{self.figure:>10.2f} {self.unit:<10} {self.target:<22}"
+        return f"{self.what:<{WHAT_WIDTH}} {figure} {verdict}"
 
 
 def photos(sizes: Sizes, scale: int) -> list[np.ndarray]:
@@ -462,7 +466,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
         setattr(inductor, key, value)
         print(f"inductor {key} = {value!r}")
-    print(f"{'what':<78} {'figure':>10} {'unit':<10} {'target':<22}")
+    print(f"{'what':<{WHAT_WIDTH}} {'figure':>10} {'unit':<10} {'target':<22}")
     if args.frames_only:
         rows = shown(http_rows(sizes, None, None))
     else:
