@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from pydantic import ValidationError
@@ -28,9 +29,11 @@ from models.networks.checkpoints import (
 from models.networks.descriptor import describe
 from models.networks.imdn import build_model
 from models.networks.profile import mult_adds_per_output_pixel
-from models.quality.evaluate import IMAGE_SUFFIXES
 from service.planner import FIXED_SCALES
 from service.report import markdown_table
+
+if TYPE_CHECKING:
+    from service.jobs import Job, OutputFormat, Plan
 
 
 def _default_weights_dir() -> Path:
@@ -112,41 +115,45 @@ def _settings_errors(exc: ValidationError) -> str:
 # upscale
 
 
-def _inputs(paths: Sequence[Path]) -> list[Path]:
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"{p}: no such file or folder")
-    return files
-
-
-def _target(out: Path, path: Path, scale: float) -> Path:
-    """Where the result for `path` goes: `out` itself when it names a file, else inside it."""
-    return out / f"{path.stem}_x{scale:g}.png" if not out.suffix else out
+def _summary(done: int, failed: int, skipped: int, extra: str = "") -> str:
+    """The run's last line: every file found is done, failed, skipped or not sent."""
+    return f"{done} of {done + failed} done, {failed} failed, {skipped} skipped{extra}"
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
+    from service.jobs import PlanError, output_format, plan_run
+
+    scale: float = args.scale
+    if not (math.isfinite(scale) and scale > 1):
+        return _fail(f"--scale must be a number > 1, got {scale:g}")
+    if not 1 <= args.quality <= 100:
+        return _fail(f"--quality must be 1..100, got {args.quality}")
+    try:
+        fmt = output_format(args.format, args.output)
+        plan = plan_run(
+            args.inputs,
+            args.output,
+            scale,
+            fmt,
+            recursive=args.recursive,
+            skip_existing=args.skip_existing,
+        )
+    except (PlanError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    for path, why in plan.skipped:
+        print(f"{path}: skipped: {why}", file=sys.stderr)
+    if not plan.jobs:
+        if plan.skipped:
+            print(_summary(0, 0, len(plan.skipped)), file=sys.stderr)
+            return 0
+        return _fail("no images found in the inputs")
+    if args.url is not None:
+        return _upscale_remote(args, plan, fmt)
+    from service.engine import model_for_scale
     from service.settings import Settings
 
-    try:
-        files = _inputs(args.inputs)
-    except FileNotFoundError as exc:
-        return _fail(str(exc))
-    if not files:
-        return _fail("no images found in the inputs")
-    out: Path = args.output
-    if len(files) > 1 and out.suffix:
-        return _fail("several inputs need -o to name a folder")
-    if args.url is not None:
-        return _upscale_remote(args, files, out)
-    from service.engine import model_for_scale
-
     # one-off runs skip warm-up: it costs more than it saves for a few images
-    overrides: dict[str, object] = {"models": [model_for_scale(args.scale)], "warmup": False}
+    overrides: dict[str, object] = {"models": [model_for_scale(scale)], "warmup": False}
     if args.weights_dir is not None:
         overrides["weights_dir"] = args.weights_dir
     if args.device is not None:
@@ -155,12 +162,20 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         return _fail(_settings_errors(exc))
-    return asyncio.run(_upscale_files(settings, files, args.scale, out))
+    if scale > settings.max_scale:
+        return _fail(f"--scale must be at most {settings.max_scale:g} (IMDN_MAX_SCALE)")
+    failed = asyncio.run(_upscale_files(settings, plan.jobs, scale, fmt, args.quality))
+    print(_summary(len(plan.jobs) - failed, failed, len(plan.skipped)), file=sys.stderr)
+    return 1 if failed else 0
 
 
-async def _upscale_files(settings: object, files: list[Path], scale: float, out: Path) -> int:
+async def _upscale_files(
+    settings: object, jobs: list[Job], scale: float, fmt: OutputFormat, quality: int
+) -> int:
+    """Run each job on an engine in this process; the number of files that failed."""
     from service import imaging
     from service.engine import Engine, EngineError
+    from service.jobs import PartFile
     from service.settings import Settings
 
     assert isinstance(settings, Settings)
@@ -168,41 +183,51 @@ async def _upscale_files(settings: object, files: list[Path], scale: float, out:
     await engine.start()
     failures = 0
     try:
-        for path in tqdm(files, desc=f"x{scale:g}", unit="img", disable=len(files) < 2):
-            target = _target(out, path, scale)
+        for job in tqdm(jobs, desc=f"x{scale:g}", unit="img", disable=len(jobs) < 2):
+            path = job.source
             try:
                 decoded = imaging.decode(
                     path.read_bytes(), None, max_pixels=settings.max_input_pixels
                 )
+                if fmt.pillow == "JPEG" and decoded.alpha is not None:
+                    raise imaging.UnsupportedImageType(
+                        "it has transparency, which JPEG cannot hold: use --format png or webp"
+                    )
                 h, w = imaging.output_size(decoded.height, decoded.width, scale)
                 imaging.check_output_pixels(h, w, settings.max_output_pixels)
                 result = await engine.upscale(decoded.pixels, scale, grey=decoded.grey)
                 image = imaging.compose(decoded, result.image)
-                png = b"".join(
-                    imaging.encode_png(
-                        image,
-                        icc_profile=decoded.icc_profile,
-                        compress_level=settings.png_compress_level,
-                        threads=settings.encode_threads,
+                if fmt.pillow == "PNG":
+                    encoded = b"".join(
+                        imaging.encode_png(
+                            image,
+                            icc_profile=decoded.icc_profile,
+                            compress_level=settings.png_compress_level,
+                            threads=settings.encode_threads,
+                        )
                     )
-                )
+                else:
+                    encoded = imaging.encode_lossy(
+                        image, fmt.pillow, quality=quality, icc_profile=decoded.icc_profile
+                    )
             except imaging.ImageError as exc:
-                tqdm.write(f"{path}: skipped: {exc.detail}", file=sys.stderr)
+                tqdm.write(f"{path}: failed: {exc.detail}", file=sys.stderr)
                 failures += 1
                 continue
             except EngineError as exc:  # too costly for the deadline, out of memory, ...
-                tqdm.write(f"{path}: skipped: {exc}", file=sys.stderr)
+                tqdm.write(f"{path}: failed: {exc}", file=sys.stderr)
                 failures += 1
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(png)
-            tqdm.write(f"{path} -> {target} ({w}x{h}, {result.model})")
+            with PartFile(job.target) as part:
+                part.path.write_bytes(encoded)
+                part.commit()
+            tqdm.write(f"{path} -> {job.target} ({w}x{h}, {result.model})")
     finally:
         await engine.stop()
-    return 1 if failures else 0
+    return failures
 
 
-def _upscale_remote(args: argparse.Namespace, files: list[Path], out: Path) -> int:
+def _upscale_remote(args: argparse.Namespace, plan: Plan, fmt: OutputFormat) -> int:
     """`--url`: the server does the work; this side reads, sends and writes files."""
     from service.client import ClientError, upscale_remote
 
@@ -214,12 +239,13 @@ def _upscale_remote(args: argparse.Namespace, files: list[Path], out: Path) -> i
     if not url.startswith(("http://", "https://")):
         return _fail(f"--url must start with http:// or https://, got {args.url!r}")
     try:
-        outcomes = asyncio.run(
+        run = asyncio.run(
             upscale_remote(
                 url,
-                files,
-                [_target(out, p, args.scale) for p in files],
+                plan.jobs,
                 args.scale,
+                fmt,
+                quality=args.quality,
                 api_key=args.api_key or os.environ.get("IMDN_API_KEY") or None,
                 concurrency=args.concurrency,
                 retries=args.retries,
@@ -228,13 +254,17 @@ def _upscale_remote(args: argparse.Namespace, files: list[Path], out: Path) -> i
         )
     except ClientError as exc:
         return _fail(str(exc))
-    failed = sum(not o.ok for o in outcomes)
+    outcomes = run.outcomes
+    done = sum(o.ok for o in outcomes)
+    unsent = sum(not o.sent for o in outcomes)
     retried = sum(o.retries for o in outcomes)
-    print(
-        f"{len(outcomes) - failed} of {len(outcomes)} done, {failed} failed, {retried} retries",
-        file=sys.stderr,
-    )
-    return 1 if failed else 0
+    extra = f", {retried} retries" + (f", {unsent} not sent" if unsent else "")
+    print(_summary(done, len(outcomes) - done, len(plan.skipped), extra), file=sys.stderr)
+    if run.stopped is not None and not run.server_gone:  # the request itself is refused
+        return _fail(f"the server refuses this run: {run.stopped}")
+    if run.stopped is not None:
+        _fail(f"stopped: {run.stopped} at {url}", 1)
+    return 1 if done < len(outcomes) else 0
 
 
 # eval, profile, fetch-weights
@@ -378,6 +408,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", type=Path)
     p.add_argument("--scale", type=float, required=True)
     p.add_argument("-o", "--output", type=Path, default=Path("."), help="file or folder")
+    p.add_argument(
+        "--format",
+        choices=["png", "webp", "jpeg"],
+        help="output format (default: the suffix of -o when it names a file, else png)",
+    )
+    p.add_argument(
+        "--quality", type=int, default=90, help="WebP and JPEG quality, 1..100 (default 90)"
+    )
+    p.add_argument("--recursive", "-r", action="store_true", help="walk into sub-folders")
+    p.add_argument(
+        "--skip-existing", action="store_true", help="leave inputs whose result is already there"
+    )
     p.add_argument("--weights-dir", type=Path)
     p.add_argument("--device")
     remote = p.add_argument_group("client of a running server")

@@ -104,14 +104,19 @@ def _crops(datasets_dir: Path, folder: Path, sizes: list[tuple[int, int]]) -> li
     return paths
 
 
-def test_upscale_folder(weights_dir: Path, datasets_dir: Path, tmp_path: Path) -> None:
+def test_upscale_folder(
+    weights_dir: Path, datasets_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     inputs = _crops(datasets_dir, tmp_path / "in", [(40, 48)] * 3)
     (tmp_path / "in" / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
     args = ["upscale", str(tmp_path / "in"), "--scale", "2", "-o", str(out)]
-    assert main([*args, "--weights-dir", str(weights_dir)]) == 0
+    assert main([*args, "--weights-dir", str(weights_dir)]) == 0  # a skip is no failure
 
     assert sorted(p.name for p in out.iterdir()) == [f"{p.stem}_x2.png" for p in inputs]
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'in' / 'notes.txt'}: skipped: not an image" in err  # said, not silent
+    assert "3 of 3 done, 0 failed, 1 skipped" in err
     for path in inputs:
         with Image.open(out / f"{path.stem}_x2.png") as img:
             assert (img.format, img.size) == ("PNG", (96, 80))
@@ -161,4 +166,25 @@ def test_upscale_goes_on_past_a_file_the_engine_refuses(
 
     assert sorted(p.name for p in out.iterdir()) == [f"{aligned.stem}_x2.5.png"]
     err = capsys.readouterr().err
-    assert f"{unaligned}: skipped: the image needs 4 crops" in err
+    assert f"{unaligned}: failed: the image needs 4 crops" in err
+    assert "1 of 2 done, 1 failed, 0 skipped" in err
+
+
+def test_upscale_same_stems_to_webp_here(
+    weights_dir: Path, datasets_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`photo.png` and `photo.bmp` side by side: two results, each of its own input."""
+    png, other = _crops(datasets_dir, tmp_path / "in", [(20, 24), (24, 20)])
+    png = png.rename(tmp_path / "in" / "photo.png")
+    bmp = tmp_path / "in" / "photo.bmp"
+    Image.open(other).save(bmp)
+    other.unlink()
+    out = tmp_path / "out"
+    args = ["upscale", str(tmp_path / "in"), "--scale", "2", "-o", str(out), "--format", "webp"]
+    assert main([*args, "--quality", "100", "--weights-dir", str(weights_dir)]) == 0
+    assert "2 of 2 done, 0 failed, 0 skipped" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["photo.bmp_x2.webp", "photo.png_x2.webp"]
+    for source in (png, bmp):
+        with Image.open(out / f"{source.name}_x2.webp") as img:
+            assert img.format == "WEBP"
+            assert img.size == (2 * _rgb(source).shape[1], 2 * _rgb(source).shape[0])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import re
+import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
@@ -19,7 +21,7 @@ from service.child import free_port
 from service.cli import main
 from service.client import BACKOFF_CAP_S, describe_refusal, retry_delay
 from service.settings import Settings
-from tests.live import LiveServer, live_server
+from tests.live import LiveServer, live_server, wait_until
 
 SIZES = [(40, 56), (48, 36), (32, 32)]  # (height, width) of the inputs
 
@@ -44,7 +46,8 @@ def _crops(datasets_dir: Path, folder: Path, sizes: list[tuple[int, int]]) -> li
     paths = []
     for i, (h, w) in enumerate(sizes):
         path = folder / f"crop{i}.png"
-        Image.fromarray(source[30 * i : 30 * i + h, 40 * i : 40 * i + w]).save(path)
+        top, left = 30 * i % (source.shape[0] - h), 40 * i % (source.shape[1] - w)
+        Image.fromarray(source[top : top + h, left : left + w]).save(path)
         paths.append(path)
     return paths
 
@@ -79,7 +82,7 @@ def test_a_folder_with_a_refused_file_among_good_ones(
     # the server's own words for the refused file, and the rest went on
     assert f"{bad}: failed: 400 {problem['title']}: {problem['detail']}" in captured.err
     assert f"[{problem['reason']}]" in captured.err
-    assert "3 of 4 done, 1 failed, 0 retries" in captured.err
+    assert "3 of 4 done, 1 failed, 0 skipped, 0 retries" in captured.err
     assert not list(out.glob("*.part"))
 
 
@@ -116,7 +119,7 @@ def test_a_full_queue_is_retried_after_retry_after(
     retries = re.findall(r"429 Too Many Requests: .*; trying again in (\d+\.\d) s", captured.err)
     assert len(retries) == refusals["queue_full"]
     assert all(float(s) >= 1.0 for s in retries)  # the server's Retry-After (>= 1 s) held
-    assert f"3 of 3 done, 0 failed, {len(retries)} retries" in captured.err
+    assert f"3 of 3 done, 0 failed, 0 skipped, {len(retries)} retries" in captured.err
 
 
 def test_api_key_from_the_environment_or_the_option(
@@ -192,3 +195,165 @@ def test_describe_refusal_reads_the_problem_document() -> None:
     assert (
         describe_refusal(502, {"content-type": "text/html"}, b"Bad gateway") == "502: Bad gateway"
     )
+
+
+def _direct(client: httpx.Client, path: Path, scale: str = "3", accept: str = "image/png") -> bytes:
+    r = client.post(
+        f"/v1/superres?scale={scale}", content=path.read_bytes(), headers={"Accept": accept}
+    )
+    assert r.status_code == 200, r.text
+    return r.content
+
+
+def test_same_stems_never_share_an_output_and_folders_are_walked_on_request(
+    server: LiveServer, datasets_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`baboon.png` and `baboon.jpg` in one folder: each keeps its whole name in its
+    result's; a non-image is reported as skipped; a sub-folder is walked with --recursive."""
+    folder = tmp_path / "in"
+    png, other = _crops(datasets_dir, folder, [(20, 24), (24, 20)])
+    png = png.rename(folder / "baboon.png")
+    jpg = folder / "baboon.jpg"
+    Image.open(other).convert("RGB").save(jpg, quality=95)
+    other.unlink()
+    (folder / "notes.txt").write_text("not an image")
+    sub = folder / "sub"
+    sub.mkdir()
+    nested = sub / "baboon.png"
+    nested.write_bytes(png.read_bytes())
+    out = tmp_path / "out"
+    args = ["upscale", str(folder), "--scale", "3", "-o", str(out), "--url", server.url]
+
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["baboon.jpg_x3.png", "baboon.png_x3.png"]
+    assert f"{folder / 'notes.txt'}: skipped: not an image" in err
+    assert f"{sub}: skipped: a folder (--recursive walks into folders)" in err
+    assert "2 of 2 done, 0 failed, 2 skipped, 0 retries" in err
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        for source in (png, jpg):  # each result is its own input's
+            assert np.array_equal(
+                _rgb((out / f"{source.name}_x3.png").read_bytes()), _rgb(_direct(c, source))
+            )
+
+        # again, into sub-folders, leaving what is there: only the nested file is sent
+        assert main([*args, "--recursive", "--skip-existing"]) == 0
+        err = capsys.readouterr().err
+        assert f"{png}: skipped: {out / 'baboon.png_x3.png'} exists (--skip-existing)" in err
+        assert "1 of 1 done, 0 failed, 3 skipped, 0 retries" in err
+        result = (out / "sub" / "baboon_x3.png").read_bytes()
+        assert np.array_equal(_rgb(result), _rgb(_direct(c, nested)))
+    assert not list(out.rglob("*.part"))
+
+
+def test_output_formats_webp_and_jpeg_with_quality(
+    server: LiveServer, datasets_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (image,) = _crops(datasets_dir, tmp_path / "in", [(20, 28)])
+    rgba = tmp_path / "in" / "see-through.png"
+    Image.new("RGBA", (16, 12), (200, 40, 40, 128)).save(rgba)
+    out = tmp_path / "out"
+    base = ["upscale", str(image), "--scale", "3", "--url", server.url]
+    # WebP at 100 is lossless: the very pixels of the PNG answer
+    assert main([*base, "-o", str(out / "lossless.webp"), "--quality", "100"]) == 0
+    # JPEG from --format, for a folder (with an image that has alpha: JPEG cannot hold it)
+    assert (
+        main(
+            [
+                *base[:1],
+                str(tmp_path / "in"),
+                *base[2:],
+                "-o",
+                str(out),
+                "--format",
+                "jpeg",
+                "--quality",
+                "60",
+            ]
+        )
+        == 1
+    )
+    err = capsys.readouterr().err
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        png = _direct(c, image)
+        lossy = _direct(c, image, accept="image/jpeg")
+        jpeg60 = c.post(
+            "/v1/superres?scale=3&quality=60",
+            content=image.read_bytes(),
+            headers={"Accept": "image/jpeg"},
+        ).content
+    with Image.open(out / "lossless.webp") as img:
+        assert (img.format, img.size) == ("WEBP", (84, 60))
+    assert np.array_equal(_rgb((out / "lossless.webp").read_bytes()), _rgb(png))
+    with Image.open(out / "crop0_x3.jpg") as img:
+        assert (img.format, img.size) == ("JPEG", (84, 60))
+    assert (out / "crop0_x3.jpg").read_bytes() == jpeg60 != lossy  # quality 60, not 90
+    assert f"{rgba}: failed: 406 Not Acceptable" in err
+    assert not (out / "see-through_x3.jpg").exists()
+    assert "1 of 2 done, 1 failed, 0 skipped" in err
+    # a suffix that is no output format, or one that contradicts --format: refused up front
+    assert main([*base, "-o", str(out / "x.tif")]) == 2
+    assert main([*base, "-o", str(out / "x.png"), "--format", "webp"]) == 2
+    assert main([*base, "-o", str(out), "--quality", "0"]) == 2
+
+
+def test_a_scale_the_server_refuses_is_one_error_not_one_per_file(
+    server: LiveServer,
+    weights_dir: Path,
+    datasets_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _crops(datasets_dir, tmp_path / "in", [(16, 16)] * 6)
+    out = tmp_path / "out"
+    args = ["upscale", str(tmp_path / "in"), "-o", str(out)]
+    # over the server's IMDN_MAX_SCALE: its first refusal ends the run, said once
+    capped = Settings(weights_dir=weights_dir, models=["x3"], warmup=False, max_scale=2.5)
+    with live_server(capped) as srv:
+        assert main([*args, "--url", srv.url, "--scale", "3", "--concurrency", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("scale must be a number in (1, 2.5]") == 1, err
+    assert "imdn: error: the server refuses this run: 422" in err
+    assert re.search(r"0 of 6 done, 6 failed, 0 skipped, 0 retries, [4-6] not sent", err), err
+    # x2 needs a model this server (x3 only) does not load: said before any file is sent
+    assert main([*args, "--url", server.url, "--scale", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("needs model 'x2', which this server does not load") == 1, err
+    assert "done" not in err
+    # and what is no scale at all is refused by the command itself
+    assert main([*args, "--url", server.url, "--scale", "1"]) == 2
+    assert main([*args, "--url", server.url, "--scale", "nan"]) == 2
+    assert "--scale must be a number > 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_server_gone_mid_run_ends_it_quickly(
+    weights_dir: Path, datasets_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The server stops after the first results: the run ends within seconds, the files
+    not sent counted, instead of `--retries` back-offs for every remaining file."""
+    # each request waits 300 ms for company in the batch: the run lasts long enough
+    settings = Settings(weights_dir=weights_dir, models=["x3"], warmup=False, max_batch_wait_ms=300)
+    inputs = _crops(datasets_dir, tmp_path / "in", [(16, 16)] * 16)
+    out = tmp_path / "out"
+    codes: list[int] = []
+    with live_server(settings) as srv:
+        args = ["upscale", str(tmp_path / "in"), "--scale", "3", "-o", str(out), "--url", srv.url]
+        thread = threading.Thread(target=lambda: codes.append(main([*args, "--concurrency", "2"])))
+        thread.start()
+        wait_until(lambda: any(out.glob("*_x3.png")), 60, "a first result")
+    gone = time.monotonic()  # the server has drained and closed its socket
+    thread.join(timeout=60)
+    elapsed = time.monotonic() - gone
+    err = capsys.readouterr().err
+    assert codes == [1], err
+    assert elapsed < 8, err  # before: up to 5 retries (15 s of back-off) per file
+    done = len(list(out.glob("*_x3.png")))
+    assert 1 <= done < len(inputs)
+    assert "connection failures in a row" in err
+    summary = re.search(
+        r"(\d+) of 16 done, (\d+) failed, 0 skipped, \d+ retries, (\d+) not sent", err
+    )
+    assert summary is not None, err
+    assert int(summary[1]) == done and int(summary[3]) >= len(inputs) - done - 4
+    assert not list(out.glob("*.part"))
