@@ -3,9 +3,12 @@
 #   make test    set up and run every check: lint, types, the test suite
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build of PyTorch (a local wheel on our dev/CI machines). On a GPU host,
-# use the CUDA build instead: make serve TORCH=torch
+# PyTorch as pip finds it: the CPU build where that wheel is at hand (a local wheel on
+# our dev/CI machines), the CUDA build from PyPI on Linux x86-64. To choose a build, name
+# it and PyTorch's index for it (README.md):
+#   make serve TORCH=torch==2.13.0+cpu TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 WEIGHTS_DIR ?= weights
 BIN := $(VENV)/bin
 
@@ -13,7 +16,7 @@ BIN := $(VENV)/bin
 
 $(BIN)/imdn: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet "$(TORCH)" -e ".[dev]"
+	$(BIN)/pip install --quiet $(if $(TORCH_INDEX),--extra-index-url "$(TORCH_INDEX)") "$(TORCH)" -e ".[dev]"
 	touch $@
 
 setup: $(BIN)/imdn

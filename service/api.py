@@ -423,6 +423,25 @@ async def report_route(request: Request, engine: EngineDep, report: ReportDep) -
     )
 
 
+RESULT_HEADERS = {
+    name: {"description": text, "schema": {"type": kind}}
+    for name, kind, text in (
+        ("X-IMDN-Model", "string", "the network that ran: x2, x3, x4 or AS"),
+        (
+            "X-IMDN-Crops",
+            "integer",
+            "the crops the image ran as: 1 whole, 4 for the paper's ACS, more for tiles",
+        ),
+        (
+            "Server-Timing",
+            "string",
+            "decode, prepare, queue, inference, readback, compose (and encode for WebP "
+            "and JPEG), in ms",
+        ),
+    )
+}
+
+
 @router.post(
     "/v1/superres",
     tags=["superres"],
@@ -433,6 +452,7 @@ async def report_route(request: Request, engine: EngineDep, report: ReportDep) -
             "content": {media_type: {} for media_type in MEDIA_TYPES.values()},
             "description": "the super-resolved image: PNG unless the Accept header "
             "prefers WebP or JPEG",
+            "headers": RESULT_HEADERS,
         },
         **{
             code: problem_response(text)

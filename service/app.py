@@ -67,8 +67,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         title="IMDN super-resolution",
         version="0.1.0",
-        description="Image super-resolution with IMDN (ACM MM 2019): PNG in any of the "
-        "usual formats, a PNG back at any scale in (1, max].",
+        description="Image super-resolution with IMDN (ACM MM 2019): an image in any of "
+        "the usual formats (PNG, JPEG, WebP, BMP, TIFF) in, the same image larger back as "
+        "PNG, WebP or JPEG, as the Accept header prefers, at any scale in (1, max].",
         lifespan=lifespan,
         # no redirects: '/v1/superres/' is a 404, not a 307 to a URL built from the Host header
         redirect_slashes=False,

@@ -39,6 +39,15 @@ def test_the_openapi_document_is_the_recorded_one(name: str, weights_dir: Path) 
     assert document(VARIANTS[name], weights_dir) == (DOCUMENTS / f"{name}.json").read_text()
 
 
+def test_the_description_names_every_output_format_and_header(weights_dir: Path) -> None:
+    doc = json.loads(document({}, weights_dir))
+    assert all(f in doc["info"]["description"] for f in ("PNG", "WebP", "JPEG", "Accept"))
+    ok = doc["paths"]["/v1/superres"]["post"]["responses"]["200"]
+    assert set(ok["content"]) == {"image/png", "image/webp", "image/jpeg"}
+    assert set(ok["headers"]) == {"X-IMDN-Model", "X-IMDN-Crops", "Server-Timing"}
+    assert ok["headers"]["X-IMDN-Crops"]["schema"] == {"type": "integer"}
+
+
 if __name__ == "__main__":
     from service.shared import WEIGHTS
 
