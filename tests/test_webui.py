@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from service.settings import Settings
-from tests.browser import chromium, guarded_page
+from tests.browser import GuardedPage, chromium, guarded_page
 from tests.live import LiveServer, live_server
 
 if TYPE_CHECKING:  # Playwright is optional: tests/browser.py skips without it
@@ -63,15 +63,37 @@ def _small_png(datasets_dir: Path, folder: Path) -> Path:
 
 
 def _record_progress(page: Page) -> None:
-    """Keep every text the progress line shows in `window.progressSeen`."""
+    """Keep every text the progress line shows in `window.progressSeen`, every value of
+    the bar (null: indeterminate) in `window.barSeen`, and every stage marked current in
+    `window.stagesSeen`."""
     page.evaluate(
         """() => {
           const text = document.getElementById("progress-text");
+          const bar = document.getElementById("progress");
           window.progressSeen = [];
-          new MutationObserver(() => window.progressSeen.push(text.textContent))
-            .observe(text, {childList: true, characterData: true, subtree: true});
+          window.barSeen = [];
+          window.stagesSeen = [];
+          new MutationObserver(() => {
+            window.progressSeen.push(text.textContent);
+            window.barSeen.push(bar.hasAttribute("value") ? bar.value : null);
+          }).observe(text, {childList: true, characterData: true, subtree: true});
+          new MutationObserver(() => {
+            const current = document.querySelector("#stages [aria-current=step]");
+            const name = current ? current.dataset.stage : null;
+            if (name && window.stagesSeen.at(-1) !== name) window.stagesSeen.push(name);
+          }).observe(document.getElementById("stages"), {attributes: true, subtree: true});
         }"""
     )
+
+
+def _posts(g: GuardedPage) -> int:
+    return sum(r.method == "POST" for r in g.requests)
+
+
+def _run_and_wait(page: Page, what: str) -> None:
+    page.click("#run")
+    page.wait_for_selector(f"{what}:not([hidden])")
+    page.wait_for_selector("#run:not([disabled])")
 
 
 # Over HTTP: what is served, and what is not
@@ -166,8 +188,12 @@ def test_page_upscales_a_set5_image_x3_and_downloads_it(
         percents = [int(m[1]) for t in shown if (m := re.fullmatch(r"uploading (\d+) %", t))]
         assert any(0 < p < 100 for p in percents), shown
         assert percents == sorted(percents) and percents[-1] == 100, shown
-        # the upload's progress, then the wait for the server
+        # the upload's progress on a determinate bar, then the wait for the server
+        bar = page.evaluate("window.barSeen")
+        uploading = [v for t, v in zip(shown, bar, strict=True) if t.startswith("uploading ")]
+        assert all(v is not None for v in uploading) and max(uploading) == 1, (shown, bar)
         assert shown.index("running on the server…") > shown.index("uploading 100 %"), shown
+        assert page.evaluate("window.stagesSeen")[:2] == ["upload", "server"]
 
         natural = page.eval_on_selector("#after", "i => [i.naturalWidth, i.naturalHeight]")
         assert natural == [3 * w, 3 * h]
@@ -179,8 +205,9 @@ def test_page_upscales_a_set5_image_x3_and_downloads_it(
         assert page.inner_text("#fact-model") == "x3"
         assert f"{3 * w} × {3 * h} px from {w} × {h}" in page.inner_text("#fact-size")
         timing = page.inner_text("#fact-timing")
-        for stage in ("decode", "queue", "inference", "compose"):
-            assert stage in timing
+        stages = ("decode", "prepare", "queue", "inference", "readback", "compose")
+        assert [part.split()[0] for part in timing.split(" · ")] == list(stages), timing
+        assert page.inner_text("#download") == "Download PNG"
 
         page.fill("#slider", "30")
         assert page.eval_on_selector("#stage", "s => s.style.getPropertyValue('--split')") == "30%"
@@ -206,51 +233,177 @@ def test_page_upscales_a_set5_image_x3_and_downloads_it(
         assert shot.format == "PNG" and shot.width >= 800
 
 
-def test_page_shows_the_problem_title_and_detail(
+def test_page_refuses_what_it_can_and_words_the_servers_refusals(
     server: LiveServer, client: httpx.Client, browser: Browser, datasets_dir: Path, tmp_path: Path
 ) -> None:
+    """A non-image or a bad scale is refused before sending, with no broken image; the
+    server's refusals read as sentences, its own words below; an error clears the last
+    result; and a good file still goes through afterwards."""
     good = _small_png(datasets_dir, tmp_path)
     svg = tmp_path / "drawing.svg"
     svg.write_text('<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>')
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    cases = [  # file, scale, the Content-Type the browser gives it
-        (svg, "3", "image/svg+xml"),
-        (truncated, "3", "image/png"),
-        (good, "1e9", "image/png"),
-    ]
     with guarded_page(browser) as g:
         page = g.page
         page.goto(server.url)
         page.locator("#server-info", has_text="models x3").wait_for()  # /ui/config read
-        for path, scale, content_type in cases:
-            expected = client.post(
-                f"/v1/superres?scale={scale}",
-                content=path.read_bytes(),
-                headers={"Content-Type": content_type},
-            )
-            assert expected.headers["content-type"] == "application/problem+json"
-            problem = expected.json()
-            page.set_input_files("#file", path)
-            page.fill("#scale", scale)
-            page.click("#run")
-            page.wait_for_selector("#error:not([hidden])")
-            page.wait_for_selector("#run:not([disabled])")
-            assert page.inner_text("#error-title") == problem["title"], path.name
-            assert page.inner_text("#error-detail") == problem["detail"], path.name
-            assert f"HTTP {problem['status']} · {problem['reason']}" in page.inner_text(
-                "#error-meta"
-            )
-            assert page.is_hidden("#result")
-        # and after the errors, a good file still goes through
         page.set_input_files("#file", good)
         page.fill("#scale", "3")
+        _run_and_wait(page, "#result")
+        assert _posts(g) == 1
+
+        # refused here: not sent, no broken preview, and the last result gone
+        for path in (svg, text):
+            page.set_input_files("#file", path)
+            page.wait_for_selector("#error:not([hidden])")
+            assert page.inner_text("#error-title") == (
+                f"{path.name} is not an image this service reads."
+            )
+            assert "PNG, JPEG, WebP, BMP or TIFF" in page.inner_text("#error-detail")
+            assert page.is_hidden("#input-thumb") and page.is_hidden("#result")
+            assert page.get_attribute("#after", "src") is None
+            assert page.is_disabled("#run")
+        assert _posts(g) == 1
+        page.set_input_files("#file", good)
+        page.fill("#scale", "1e9")
         page.click("#run")
-        page.wait_for_selector("#result:not([hidden])")
+        page.wait_for_selector("#error:not([hidden])")
+        assert page.inner_text("#error-title").startswith(
+            "The scale must be a number above 1 and at most 8"
+        )
+        assert page.inner_text("#error-meta") == "not sent" and _posts(g) == 1
+
+        # the server's refusal: a sentence, then what the server said
+        page.fill("#scale", "3")
+        _run_and_wait(page, "#result")
+        page.set_input_files("#file", truncated)
+        page.wait_for_selector("#result", state="hidden")  # a new file: the old result goes
+        _run_and_wait(page, "#error")
+        problem = client.post(
+            "/v1/superres?scale=3",
+            content=truncated.read_bytes(),
+            headers={"Content-Type": "image/png"},
+        ).json()
+        assert page.inner_text("#error-title") == (
+            "The file could not be read as an image: it may be damaged or cut short."
+        )
+        assert page.inner_text("#error-detail") == f"The server said: {problem['detail']}"
+        assert page.inner_text("#error-meta") == "HTTP 400 · undecodable"
+        assert page.is_hidden("#result")
+        # the browser shows what it can of a file cut short; a broken image, never
+        assert page.eval_on_selector("#input-thumb", "i => i.hidden || i.naturalWidth > 0")
+        assert _posts(g) == 3
+
+        # an error after a result clears it (the result is not left under the error)
+        page.set_input_files("#file", good)
+        _run_and_wait(page, "#result")
+        page.fill("#scale", "2")  # x2 is not loaded here: the page knows, the server too
+        page.click("#run")
+        page.wait_for_selector("#error:not([hidden])")
+        assert page.inner_text("#error-title") == "This server cannot upscale ×2: it takes 3 only."
+        assert page.is_hidden("#result") and page.get_attribute("#after", "src") is None
+        page.fill("#scale", "3")
+        _run_and_wait(page, "#result")
         assert page.is_hidden("#error")
         natural = page.eval_on_selector("#after", "i => [i.naturalWidth, i.naturalHeight]")
         assert natural == [3 * 56, 3 * 40]
         assert not g.outside() and not g.refused
+
+
+def test_page_checks_the_servers_upload_limit_before_sending(
+    weights_dir: Path, browser: Browser, datasets_dir: Path
+) -> None:
+    source = datasets_dir / "Set5" / "HR" / "woman.bmp"  # 230 kB
+    settings = Settings(
+        weights_dir=weights_dir, models=["x3"], warmup=False, max_upload_bytes=100_000
+    )
+    with live_server(settings) as srv, guarded_page(browser) as g:
+        page = g.page
+        page.goto(srv.url)
+        page.locator("#server-info", has_text="files up to 97.7 kB").wait_for()
+        page.set_input_files("#file", source)
+        page.wait_for_selector("#error:not([hidden])")  # said as soon as it is chosen
+        size = f"{source.stat().st_size / 1024:.1f} kB"
+        expected = f"The file is too large: {size}; this server takes up to 97.7 kB."
+        assert page.inner_text("#error-title") == expected
+        page.click("#run")
+        assert page.inner_text("#error-meta") == "not sent"
+        assert page.inner_text("#error-title") == expected
+        assert _posts(g) == 0
+
+
+def test_page_output_formats(
+    server: LiveServer, client: httpx.Client, browser: Browser, datasets_dir: Path, tmp_path: Path
+) -> None:
+    image = _small_png(datasets_dir, tmp_path)
+    with guarded_page(browser) as g:
+        page = g.page
+        page.goto(server.url)
+        page.locator("#server-info", has_text="models x3").wait_for()
+        page.set_input_files("#file", image)
+        assert page.is_hidden("#quality-field")  # PNG has no quality
+        for fmt, quality, name, ext in (
+            ("webp", "100", "WebP", "webp"),
+            ("jpeg", "70", "JPEG", "jpg"),
+        ):
+            page.select_option("#format", fmt)
+            page.fill("#quality", quality)
+            _run_and_wait(page, "#result")
+            assert page.inner_text("#download") == f"Download {name}"
+            assert page.inner_text("#fact-size").endswith(f" {name}")
+            with page.expect_download() as info:
+                page.click("#download")
+            assert info.value.suggested_filename == f"bird-crop_x3.{ext}"
+            data = Path(info.value.path()).read_bytes()
+            direct = client.post(
+                f"/v1/superres?scale=3&quality={quality}",
+                content=image.read_bytes(),
+                headers={"Content-Type": "image/png", "Accept": f"image/{fmt}"},
+            )
+            assert data == direct.content  # what the API answers for that format and quality
+        post = [r for r in g.requests if r.method == "POST"][-1]
+        assert "quality=70" in post.url and post.headers["accept"].startswith("image/jpeg")
+        page.select_option("#format", "png")
+        assert page.is_hidden("#quality-field")
+
+
+def test_page_fits_the_window_and_the_slider_matches_the_image(
+    server: LiveServer, browser: Browser, datasets_dir: Path, tmp_path: Path
+) -> None:
+    """A 1280 px window, the same at 200 % browser zoom (640 CSS px) and a phone: never
+    wider than the window at any image zoom; the slider's thumb sits on the divider."""
+    with Image.open(datasets_dir / "Set5" / "HR" / "woman.bmp") as img:
+        source = tmp_path / "woman-long-name-that-does-not-wrap-by-itself-at-all.png"
+        img.crop((0, 0, 228, 160)).save(source)  # ×3 is 684×480: twice that, wider than 1280
+    with guarded_page(browser) as g:
+        page = g.page
+        page.goto(server.url)
+        page.locator("#server-info", has_text="models x3").wait_for()
+        page.set_input_files("#file", source)
+        _run_and_wait(page, "#result")
+        for width, height in ((1280, 800), (640, 400), (375, 667)):
+            page.set_viewport_size({"width": width, "height": height})
+            for zoom in ("fit", "1", "2"):
+                page.select_option("#zoom", zoom)
+                wide = page.evaluate("document.documentElement.scrollWidth")
+                assert wide <= width, (width, zoom, wide)
+            page.select_option("#zoom", "fit")
+            page.locator("#slider").scroll_into_view_if_needed()
+            stage = page.locator("#stage").bounding_box()
+            assert stage is not None and stage["x"] >= 0 and stage["x"] + stage["width"] <= width
+            slider = page.locator("#slider").bounding_box()
+            assert slider is not None
+            for percent in (10, 50, 85):
+                x = stage["x"] + percent / 100 * stage["width"]
+                page.mouse.click(x, slider["y"] + slider["height"] / 2)  # the track, under x
+                value = float(page.input_value("#slider"))
+                assert abs(value - percent) < 100 / stage["width"] + 0.2, (width, percent, value)
+                divider = page.locator("#divider").bounding_box()
+                assert divider is not None
+                assert abs(divider["x"] + divider["width"] / 2 - x) <= 1.5, (width, divider, x)
 
 
 def test_page_asks_for_the_api_key_and_sends_it_as_bearer(
@@ -271,9 +424,15 @@ def test_page_asks_for_the_api_key_and_sends_it_as_bearer(
         page.set_input_files("#file", image)
         page.click("#run")  # no key yet: the server's 401, and the key field focused
         page.wait_for_selector("#error:not([hidden])")
-        assert page.inner_text("#error-title") == "Unauthorized"
+        assert page.inner_text("#error-title") == "This server needs an API key: enter it above."
         assert "API key" in page.inner_text("#error-detail")
+        assert page.inner_text("#error-meta") == "HTTP 401 · unauthorized"
         assert page.evaluate("document.activeElement.id") == "api-key"
+
+        page.fill("#api-key", "wrong-key")
+        page.click("#run")
+        page.wait_for_selector("#error-title:text('The API key was refused')")
+        assert page.inner_text("#error-title") == "The API key was refused: check it and try again."
 
         page.fill("#api-key", "browser-key")
         page.click("#run")
@@ -281,7 +440,11 @@ def test_page_asks_for_the_api_key_and_sends_it_as_bearer(
         natural = page.eval_on_selector("#after", "i => [i.naturalWidth, i.naturalHeight]")
         assert natural == [3 * 56, 3 * 40]
         posts = [r for r in g.requests if r.method == "POST"]
-        assert [r.headers.get("authorization") for r in posts] == [None, "Bearer browser-key"]
+        assert [r.headers.get("authorization") for r in posts] == [
+            None,
+            "Bearer wrong-key",
+            "Bearer browser-key",
+        ]
         # kept for this tab only
         assert page.evaluate("sessionStorage.getItem('imdn.apiKey')") == "browser-key"
         assert page.evaluate("localStorage.length") == 0
