@@ -143,8 +143,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     for path, why in plan.skipped:
         print(f"{path}: skipped: {why}", file=sys.stderr)
     if not plan.jobs:
-        if plan.skipped:
-            print(_summary(0, 0, len(plan.skipped)), file=sys.stderr)
+        if plan.done_before:
+            print(_summary(0, 0, len(plan.skipped)), file=sys.stderr)  # all done before
             return 0
         return _fail("no images found in the inputs")
     if args.url is not None:

@@ -63,6 +63,7 @@ class Job:
 class Plan:
     jobs: list[Job] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (path, why)
+    done_before: int = 0  # of the skipped: results already there (`skip_existing`)
 
 
 def names_a_file(output: Path) -> bool:
@@ -113,6 +114,7 @@ def plan_run(
             raise PlanError(f"{source}: the result would overwrite its input")
         if skip_existing and target.exists():
             plan.skipped.append((source, f"{target} exists (--skip-existing)"))
+            plan.done_before += 1
         else:
             plan.jobs.append(Job(source, target))
     return plan

@@ -188,3 +188,15 @@ def test_upscale_same_stems_to_webp_here(
         with Image.open(out / f"{source.name}_x2.webp") as img:
             assert img.format == "WEBP"
             assert img.size == (2 * _rgb(source).shape[1], 2 * _rgb(source).shape[0])
+
+
+def test_upscale_refuses_a_scale_over_the_maximum_once_before_loading(
+    weights_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    args = ["upscale", str(tmp_path), "--scale", "9", "-o", str(tmp_path / "out")]
+    assert main([*args, "--weights-dir", str(weights_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("--scale must be at most 8 (IMDN_MAX_SCALE)") == 1, err
+    assert not (tmp_path / "out").exists()

@@ -79,3 +79,15 @@ def test_part_files_are_each_their_own(tmp_path: Path) -> None:
     assert target.read_bytes() == b"two"
     assert (tmp_path / "out" / "a_x2.png.part").read_bytes() == b"another run's"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_x2.png", "a_x2.png.part"]
+
+
+def test_a_folder_without_images_is_an_error_not_a_quiet_success(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+
+    (tmp_path / "notes.txt").write_text("no image")
+    assert main(["upscale", str(tmp_path), "--scale", "2", "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'notes.txt'}: skipped: not an image" in err
+    assert "imdn: error: no images found in the inputs" in err
