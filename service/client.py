@@ -257,10 +257,13 @@ class _Run:
 
     async def _attempt(self, job: Job, data: bytes, attempt: int) -> Outcome | tuple[str, float]:
         """One POST: the file's outcome, or (why, seconds to wait) to try it again."""
+        params = {"scale": repr(self.scale)}
+        if self.fmt.pillow != "PNG":  # PNG has no quality
+            params["quality"] = str(self.quality)
         async with self.http.stream(
             "POST",
             "/v1/superres",
-            params={"scale": repr(self.scale), "quality": str(self.quality)},
+            params=params,
             content=data,
             # the server reads the format from the bytes; a label from the file's
             # name (which differs between systems) could only refuse a good file
