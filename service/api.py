@@ -92,9 +92,9 @@ class ProblemError(Exception):
     """A client-facing error with an HTTP status and a machine-readable reason."""
 
     def __init__(
-        self, status: int, reason: str, detail: str, headers: dict[str, str] | None = None
+        self, status: int, reason: str, detail: Any, headers: dict[str, str] | None = None
     ) -> None:
-        super().__init__(detail)
+        super().__init__(str(detail))
         self.status, self.reason, self.detail, self.headers = status, reason, detail, headers
 
 
@@ -174,15 +174,34 @@ def require_ops_key(request: Request, settings: SettingsDep) -> None:
 OpsAuthorized = [Depends(require_ops_key)]
 
 
-def require_single_scale(request: Request) -> None:
-    """`scale` given twice is ambiguous (which one did the client mean?): 422, not a guess."""
-    given = request.query_params.getlist("scale")
-    if len(given) > 1:
-        raise ProblemError(
-            422,
-            "repeated_scale",
-            f"scale is given {len(given)} times ({', '.join(given)}); give it once",
-        )
+NUMERIC_QUERY = ("scale", "quality")
+"""The query parameters that are numbers: each given at most once, without the `_` digit
+separators that Python's float() and int() accept (`0_2` would be served as 2)."""
+
+
+def require_plain_numbers(request: Request) -> None:
+    """`scale` or `quality` given twice is ambiguous (which one did the client mean?): 422,
+    not a guess; one written with `_` digit separators is not a number: 422, as `abc` is."""
+    for name in NUMERIC_QUERY:
+        given = request.query_params.getlist(name)
+        if len(given) > 1:
+            raise ProblemError(
+                422,
+                f"repeated_{name}",
+                f"{name} is given {len(given)} times ({', '.join(given)}); give it once",
+            )
+        if given and "_" in given[0]:
+            raise ProblemError(
+                422,
+                "invalid_request",
+                [
+                    {
+                        "loc": ["query", name],
+                        "msg": f"Input should be a number without '_', not {given[0]!r}",
+                        "type": "number_parsing",
+                    }
+                ],
+            )
 
 
 # Reading the body
@@ -191,6 +210,20 @@ def require_single_scale(request: Request) -> None:
 async def read_capped(request: Request, limit: int, timeout_s: float) -> bytes:
     """The request body, refusing (413) as soon as it passes `limit` bytes, and (408) when
     no piece of it arrives for `timeout_s`: a stalled client cannot hold its connection."""
+    codings = [
+        c.strip().lower()
+        for value in request.headers.getlist("transfer-encoding")
+        for c in value.split(",")
+        if c.strip()
+    ]
+    if any(c != "chunked" for c in codings):  # gzip and the like: read as-is, it would be
+        raise ProblemError(  # taken for the image, so refuse it (400, not a 5xx for alerts)
+            400,
+            "unsupported_transfer_coding",
+            f"Transfer-Encoding {', '.join(codings)} is not supported: send the body as it "
+            "is, or chunked",
+            headers={"Connection": "close"},
+        )
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ProblemError(413, "body_too_large", f"the body is {declared} bytes; limit {limit}")
@@ -445,7 +478,7 @@ RESULT_HEADERS = {
 @router.post(
     "/v1/superres",
     tags=["superres"],
-    dependencies=[*Authorized, Depends(require_single_scale)],
+    dependencies=[*Authorized, Depends(require_plain_numbers)],
     response_class=StreamingResponse,
     responses={
         200: {
@@ -457,7 +490,7 @@ RESULT_HEADERS = {
         **{
             code: problem_response(text)
             for code, text in (
-                (400, "undecodable image"),
+                (400, "undecodable image, or a transfer coding other than chunked"),
                 (401, "missing or wrong API key"),
                 (406, "Accept allows none of PNG, WebP, JPEG (JPEG: not for alpha)"),
                 (408, "the body stalled: no part of it for body_read_timeout_s"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import math
 import os
 import signal
@@ -50,7 +51,8 @@ def _fail(message: str, code: int = 2) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.app import create_app
-    from service.settings import Settings
+    from service.http_server import server_config
+    from service.settings import SettingsInvalid, load_settings
 
     overrides = {
         k: v
@@ -64,17 +66,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if v is not None
     }
     try:
-        settings = Settings(**overrides)
-    except ValidationError as exc:
-        return _fail(_settings_errors(exc))
+        settings = load_settings(**overrides)
+    except SettingsInvalid as exc:
+        return _fail_at_start(exc.problems)
     from service.logs import configure as configure_logging
 
     # one handler for every logger, uvicorn's too (log_config=None keeps uvicorn from
     # installing its own); the access log is the app's (request IDs, durations, no probes)
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
-    config = uvicorn.Config(
+    config = server_config(
         app,
+        settings,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -107,9 +110,23 @@ class DrainingServer(uvicorn.Server):
 
 
 def _settings_errors(exc: ValidationError) -> str:
-    return "invalid settings:\n" + "\n".join(
-        f"  {'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
-    )
+    from service.settings import describe_errors
+
+    return "invalid settings:\n" + "\n".join(f"  {p}" for p in describe_errors(exc))
+
+
+def _fail_at_start(problems: list[str]) -> int:
+    """The server's settings are wrong: say so in the log format asked for (one JSON
+    object under IMDN_LOG_FORMAT=json, which a log pipeline reads), exit 2."""
+    if os.environ.get("IMDN_LOG_FORMAT", "").strip().lower() != "json":
+        return _fail("invalid settings:\n" + "\n".join(f"  {p}" for p in problems))
+    from service.logs import JsonFormatter
+
+    message = "invalid settings: " + "; ".join(problems)
+    record = logging.LogRecord("service.cli", logging.CRITICAL, __file__, 0, message, (), None)
+    record.problems = problems
+    print(JsonFormatter().format(record), file=sys.stderr)
+    return 2
 
 
 # upscale

@@ -33,6 +33,11 @@ break parsers downstream) is replaced by a fresh one."""
 OPS_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 """Routes polled by probes and scrapers: no access line unless asked for."""
 ACCESS_FIELDS = ("method", "path", "query", "status", "duration_ms", "client")
+EXTRA_FIELDS = (*ACCESS_FIELDS, "problems")
+"""Fields a JSON line carries when the record has them (`problems`: a start-up refusal)."""
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""What a text log line must not carry raw: a CR or LF from a client's path or header
+would start a forged line of its own, an ESC would drive the reader's terminal."""
 
 request_id: ContextVar[str | None] = ContextVar("imdn_request_id", default=None)
 access_log = logging.getLogger("imdn.access")
@@ -79,7 +84,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", None),
         }
-        for name in ACCESS_FIELDS:
+        for name in EXTRA_FIELDS:
             if hasattr(record, name):
                 entry[name] = getattr(record, name)
         if record.exc_info:
@@ -96,6 +101,17 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         record.rid = getattr(record, "request_id", None) or "-"
         return super().format(record)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The line, with control characters escaped (`\\n`, `\\x1b`): whatever a client
+        put in a path or a header stays on this one line. A traceback, appended after
+        this, keeps its own lines."""
+        return escape_controls(super().formatMessage(record))
+
+
+def escape_controls(text: str) -> str:
+    """`text` with each control character written as a Python escape (`\\r`, `\\x1b`)."""
+    return CONTROL_CHARACTERS.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def configure(

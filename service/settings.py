@@ -6,14 +6,17 @@ with a message that says what to do, never on the first request.
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from PIL import Image
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from models.networks.checkpoints import OFFICIAL_BASE_URL, REGISTRY
 from models.runtime.backend import BackendUnavailable, CompileMode, resolve_backend
@@ -146,6 +149,12 @@ class Settings(BaseSettings):
     # HTTP
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    max_header_bytes: int = Field(
+        64 * 1024,
+        ge=8 * 1024,
+        description="largest request line and headers together: a longer head is refused "
+        "(414 when the URL is most of it, 431 otherwise) before it is all buffered",
+    )
     web_ui: bool = Field(
         True,
         description="serve the try-it page at / (off: / is a 404; /docs stays)",
@@ -180,6 +189,19 @@ class Settings(BaseSettings):
         description="/healthz answers 503 once one device call (a batch's forward) has been "
         "running longer than this: the device thread is wedged, not busy",
     )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_not_blank(cls, v: list[SecretStr]) -> list[SecretStr]:
+        # an empty key would match a request with no key at all: the API would be open
+        for i, key in enumerate(v):
+            secret = key.get_secret_value()
+            if not secret.strip() or secret != secret.strip():
+                raise ValueError(
+                    f"key {i + 1} of {len(v)} is empty or has leading or trailing spaces: "
+                    "an empty key would let requests without one in"
+                )
+        return v
 
     @field_validator("models")
     @classmethod
@@ -335,3 +357,105 @@ class Settings(BaseSettings):
                 "a folder that has them, or set IMDN_FETCH_WEIGHTS=true to download at start"
             )
         return self
+
+
+ENV_PREFIX = "IMDN_"
+NOT_SETTINGS = frozenset(
+    {
+        "IMDN_SHARED_DIR",  # tests and benchmarks: where the shared weights and data are
+        # docker-compose.yml's own variables (ports, image and build), read by compose
+        "IMDN_BIND",
+        "IMDN_IMAGE_TAG",
+        "IMDN_BUILD_FETCH_WEIGHTS",
+        "IMDN_CUDA_IMAGE",
+        "IMDN_TORCH_CUDA",
+        "IMDN_WEIGHTS_HOST_DIR",
+    }
+)
+"""`IMDN_*` variables that are no setting of the server but that other parts of the
+project read: the server lets them be. Any other unknown one stops it at start."""
+CLIENT_VARIABLES = {"IMDN_API_KEY": "IMDN_API_KEYS", "IMDN_URL": "IMDN_HOST and IMDN_PORT"}
+"""The client's variables (`imdn upscale --url`), with what the server reads instead."""
+JSON_EXAMPLES = {
+    "api_keys": '["key-1", "key-2"]',
+    "models": '["x2", "x4"]',
+    "cors_origins": '["https://app.example.com"]',
+    "frame_buckets": '["1080x1920"]',
+    "checkpoints": '{"x4": "runs/x4/best.pth"}',
+}
+"""What each setting that is read as JSON looks like, for the error that says it is not."""
+SECRET_SETTINGS = frozenset({"api_keys"})
+"""Settings whose values an error message never repeats."""
+
+
+def env_var(field: str) -> str:
+    """The environment variable of a setting: `max_scale` is `IMDN_MAX_SCALE`."""
+    return ENV_PREFIX + field.upper()
+
+
+class SettingsInvalid(ValueError):
+    """The settings cannot start a server: one line per problem, each naming its
+    environment variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid settings: " + "; ".join(problems))
+        self.problems = problems
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A problem for each `IMDN_*` variable that is no setting (a typo, or the client's
+    `IMDN_API_KEY`, would otherwise be ignored in silence), with the likely intended one."""
+    known = {env_var(name) for name in Settings.model_fields}
+    problems = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known or upper in NOT_SETTINGS:
+            continue
+        if upper in CLIENT_VARIABLES:
+            hint = (
+                f"it is the client's variable (imdn upscale --url); the server reads "
+                f"{CLIENT_VARIABLES[upper]}"
+            )
+        elif close := difflib.get_close_matches(upper, known, n=1, cutoff=0.6):
+            hint = f"did you mean {close[0]}?"
+        else:
+            hint = "the settings are listed in the README's Configuration table"
+        problems.append(f"{name} is not a setting: {hint}")
+    return problems
+
+
+def describe_errors(exc: ValidationError | SettingsError) -> list[str]:
+    """One line per problem, naming the environment variable, not the field."""
+    if isinstance(exc, SettingsError):  # a complex setting's value is not JSON
+        field = next((f for f in Settings.model_fields if f'"{f}"' in str(exc)), None)
+        if field is None:
+            return [str(exc)]
+        example = JSON_EXAMPLES.get(field, "a JSON value")
+        cause = f" ({exc.__cause__})" if isinstance(exc.__cause__, json.JSONDecodeError) else ""
+        return [f"{env_var(field)} is not valid JSON{cause}: it takes JSON, e.g. {example}"]
+    problems = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        message = error["msg"].removeprefix("Value error, ")
+        if not loc:  # a check across several settings: its message names them
+            problems.append(message)
+            continue
+        name = env_var(loc[0]) + "".join(f"[{part}]" for part in loc[1:])
+        given: Any = error.get("input")
+        if loc[0] not in SECRET_SETTINGS and isinstance(given, (str, int, float)):
+            name += f"={given}"
+        problems.append(f"{name}: {message}")
+    return problems
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """The server's settings from the environment (and `overrides`, e.g. command-line
+    flags), refusing unknown `IMDN_*` variables; SettingsInvalid says what is wrong."""
+    problems = unknown_variables(os.environ)
+    try:
+        settings = Settings(**overrides)
+    except (ValidationError, SettingsError) as exc:
+        raise SettingsInvalid(problems + describe_errors(exc)) from None
+    if problems:
+        raise SettingsInvalid(problems)
+    return settings

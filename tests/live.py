@@ -13,6 +13,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.app import create_app
+from service.http_server import server_config
 from service.settings import Settings
 
 
@@ -31,7 +32,8 @@ def live_server(settings: Settings, *, start_timeout: float = 180.0) -> Iterator
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    # the server `imdn serve` runs: its protocol and its limit on request heads
+    server = uvicorn.Server(server_config(app, settings, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout
