@@ -256,8 +256,9 @@ class Settings(BaseSettings):
         side = 2 * self.tile_padding + 16
         if self.tile_max_pixels < side * side:
             raise ValueError(
-                f"tile_max_pixels {self.tile_max_pixels} is too small for tile_padding "
-                f"{self.tile_padding}: a tile needs at least {side}x{side} pixels"
+                f"IMDN_TILE_MAX_PIXELS={self.tile_max_pixels} is too small for "
+                f"IMDN_TILE_PADDING={self.tile_padding}: a tile needs at least {side}x{side} "
+                "pixels"
             )
         return self
 

@@ -5,6 +5,7 @@ text logs that a request cannot forge."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -49,10 +50,9 @@ def _read_all(sock: socket.socket) -> bytes:
 def _exchange(srv: LiveServer, request: bytes) -> tuple[int, dict[str, str], bytes]:
     """Send raw bytes; (status, headers, body) of the answer, read to the close."""
     with _connect(srv) as sock:
-        try:
+        # refused before all of it was sent: the answer is already there
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(request)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # refused before all of it was sent: the answer is already there
         answer = _read_all(sock)
     head, _, body = answer.partition(b"\r\n\r\n")
     status_line, *lines = head.decode("latin-1").split("\r\n")
