@@ -41,7 +41,7 @@ from service.engine import (
     TooCostly,
     UpscaleResult,
 )
-from service.logs import REQUEST_ID_HEADER, current_request_id
+from service.logs import ARRIVED, REQUEST_ID_HEADER, current_request_id
 from service.machine import device_name
 from service.metrics import UNROUTED, Metrics
 from service.negotiation import MEDIA_TYPES, NotAcceptable, choose_format
@@ -664,6 +664,7 @@ async def _superres(
         raise
     finally:
         metrics.request_finished()
+        request.scope[COUNTED] = True
         if not streaming:
             metrics.observe_request(model, status, outcome, time.perf_counter() - arrived)
 
@@ -766,8 +767,26 @@ def _stream(
 
 # Error handlers: every error is a problem document, never an HTML page or a bare 500
 
+COUNTED = "imdn.counted"
+"""The scope key `_superres` sets once it has counted its request in the metrics."""
+
+
+def _count_refusal(request: Request, status: int, reason: str) -> None:
+    """Count a request refused outside the superres handler (a key, a route, a method,
+    its query) under model "unrouted", so that no refusal escapes the request metrics;
+    one the handler refused itself is counted there already."""
+    metrics: Metrics | None = getattr(request.app.state, "metrics", None)
+    if metrics is None or request.scope.get(COUNTED):
+        return
+    request.scope[COUNTED] = True
+    arrived = request.scope.get(ARRIVED, time.perf_counter())
+    outcome = "client_error" if status < 500 else "error"
+    metrics.count_error(reason)
+    metrics.observe_request(UNROUTED, status, outcome, time.perf_counter() - arrived)
+
 
 async def _problem_error(request: Request, exc: ProblemError) -> Response:
+    _count_refusal(request, exc.status, exc.reason)
     return problem(exc.status, exc.reason, exc.detail, exc.headers)
 
 
@@ -776,6 +795,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
         {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
         for e in exc.errors()
     ]
+    _count_refusal(request, 422, "invalid_request")
     return problem(422, "invalid_request", errors)
 
 
@@ -784,9 +804,11 @@ _HTTP_REASONS = {404: "not_found", 405: "method_not_allowed"}
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     reason = _HTTP_REASONS.get(exc.status_code, "http_error")
+    _count_refusal(request, exc.status_code, reason)
     return problem(exc.status_code, reason, exc.detail, getattr(exc, "headers", None))
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
+    _count_refusal(request, 500, "internal_error")
     return problem(500, "internal_error", "an unexpected error occurred; it has been logged")

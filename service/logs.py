@@ -39,6 +39,9 @@ CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 """What a text log line must not carry raw: a CR or LF from a client's path or header
 would start a forged line of its own, an ESC would drive the reader's terminal."""
 
+ARRIVED = "imdn.arrived"
+"""The scope key holding the request's arrival (time.perf_counter())."""
+
 request_id: ContextVar[str | None] = ContextVar("imdn_request_id", default=None)
 access_log = logging.getLogger("imdn.access")
 
@@ -154,6 +157,7 @@ class RequestContextMiddleware:
         rid = accept_request_id(given)
         request_id.set(rid)
         started = time.perf_counter()
+        scope[ARRIVED] = started  # what the request metrics time a refusal from
         status = 500  # what the error middleware answers if nothing is sent
 
         async def send_with_id(message: Message) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 import importlib.util
 import logging
 import math
@@ -27,10 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from prometheus_client import (
+    GC_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
 )
 from prometheus_client.exposition import choose_encoder
@@ -38,18 +42,25 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from models.networks.checkpoints import REGISTRY
 from models.networks.descriptor import ModelDescriptor
+from service.errors import EngineError
+from service.imaging.errors import REASONS as IMAGE_REASONS
 
 if TYPE_CHECKING:
     from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Bounds per decade, about ×1.5 apart: Prometheus interpolates linearly inside a bucket,
-# so a quantile read from these is within that ratio of the truth (with 1-2.5-5 buckets
-# a 5.5 ms queue wait read as 9.75 ms).
-_PER_DECADE = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
+# Bounds per decade at 1, 2.5 and 5 (×2-2.5 apart): Prometheus interpolates linearly
+# inside a bucket, so a quantile is read within that ratio of the truth, and an objective
+# at 5 s (the latency alert's) falls on a bound. 18 bounds from 0.5 ms past a 120 s
+# deadline (15 from 5 ms for the whole-request histograms, which carry a status label);
+# every bound costs one series per label set, which ×1.5 steps (37 bounds) made 1,446
+# series on one instance.
+_PER_DECADE = (1.0, 2.5, 5.0)
 SHORTEST_S = 0.0005
-"""The lowest bucket bound of every timing histogram: half a millisecond."""
+"""The lowest bucket bound of the device-side timing histograms: half a millisecond."""
+REQUEST_SHORTEST_S = 0.005
+"""The lowest bound of the whole-request histograms: no request is answered faster."""
 
 
 def seconds_buckets(past: float, lowest: float = SHORTEST_S) -> tuple[float, ...]:
@@ -85,9 +96,52 @@ UNROUTED = "unrouted"
 range, or one whose model this server does not load): the request still counts in
 every total, but no series appears under the name of a model that is not loaded."""
 
+STATUSES_AT_START: tuple[str, ...] = ("200", "429", "500", "503", "504")
+"""The `status` series of `imdn_request_duration_seconds` each loaded model has from the
+start, at 0: those the alert rules select. A series born at its first error is never
+seen to rise (Prometheus's first sample of it is already the count), so `increase()`
+and the alerts would miss the first errors."""
+REFUSALS_AT_START: tuple[str, ...] = ("401", "404", "405", "422")
+"""The same for requests refused before a model was chosen (`model="unrouted"`)."""
+ERROR_REASONS: tuple[str, ...] = (
+    *IMAGE_REASONS,
+    EngineError.reason,
+    *(cls.reason for cls in EngineError.__subclasses__()),  # service/errors.py
+    "unauthorized",
+    "not_found",
+    "method_not_allowed",
+    "http_error",
+    "invalid_request",
+    "repeated_scale",
+    "repeated_quality",
+    "scale_out_of_range",
+    "not_acceptable",
+    "unsupported_transfer_coding",
+    "body_too_large",
+    "body_timeout",
+    "bad_multipart",
+    "multiple_images",
+    "missing_image_field",
+    "client_disconnected",
+    "internal_error",
+    "device_oom_retry",
+)
+"""Every `reason` of `imdn_errors_total`, each a series at 0 from the start (see
+STATUSES_AT_START); tests/test_metrics.py checks that the code gives no other."""
+
 PEAK_WINDOW_S = 60.0
 """`imdn_peak_memory_bytes` is the highest batch peak over this window: longer than any
 scrape interval, so a scrape never misses a peak."""
+
+
+def build_labels() -> dict[str, str]:
+    """`imdn_build_info`'s labels: this package's version, Python's and PyTorch's."""
+    try:
+        version = importlib.metadata.version("imdn-serve")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    python = ".".join(str(n) for n in sys.version_info[:3])
+    return {"version": version, "python": python, "torch": torch.__version__}
 
 
 def scale_label(model: str) -> str:
@@ -117,20 +171,34 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         seconds = seconds_buckets(request_timeout_s)
+        whole_request = seconds_buckets(request_timeout_s, lowest=REQUEST_SHORTEST_S)
+        # the process's CPU, memory, file descriptors and start time, Python's version and
+        # garbage collector, in this registry (the default one is not served)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        r.register(GC_COLLECTOR)
+        self.build_info = Gauge(
+            "imdn_build_info",
+            "1, labelled with the versions of the service, Python and PyTorch.",
+            ["version", "python", "torch"],
+            registry=r,
+        )
+        self.build_info.labels(**build_labels()).set(1)
 
         # Histograms
         self.request_duration = Histogram(
             "imdn_request_duration_seconds",
-            "Whole request, from the body read to the last byte sent, by HTTP status.",
+            "Whole request, from the body read to the last byte sent, by HTTP status "
+            '(refused before a model was chosen: model="unrouted").',
             ["model", "status"],
-            buckets=seconds,
+            buckets=whole_request,
             registry=r,
         )
         self.time_to_first_byte = Histogram(
             "imdn_time_to_first_byte_seconds",
             "From the request's arrival to the first byte of the response body.",
             ["model"],
-            buckets=seconds,
+            buckets=whole_request,
             registry=r,
         )
         self.queue_wait = Histogram(
@@ -241,7 +309,8 @@ class Metrics:
         # Counters (prometheus-client appends `_total`)
         self.requests = Counter(
             "imdn_requests",
-            "Super-resolution requests by how they ended.",
+            "Super-resolution requests by how they ended (refused before a model was "
+            'chosen, any route: model="unrouted").',
             ["model", "outcome"],
             registry=r,
         )
@@ -253,6 +322,11 @@ class Metrics:
         )
         self.errors = Counter("imdn_errors", "Errors by reason.", ["reason"], registry=r)
         self.batches = Counter("imdn_batches", "Batches run on the device.", ["model"], registry=r)
+        for reason in ERROR_REASONS:
+            self.errors.labels(reason=reason)
+        for status in REFUSALS_AT_START:
+            self.request_duration.labels(model=UNROUTED, status=status)
+        self.requests.labels(model=UNROUTED, outcome="client_error")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Metrics:
@@ -282,6 +356,8 @@ class Metrics:
         self.model_warmup.labels(model=model).set(warmup_seconds)
         for outcome in OUTCOMES:
             self.requests.labels(model=model, outcome=outcome)
+        for status in STATUSES_AT_START:
+            self.request_duration.labels(model=model, status=status)
         self.input_pixels.labels(model=model)
         self.output_pixels.labels(model=model)
         self.batches.labels(model=model)
