@@ -490,7 +490,7 @@ RESULT_HEADERS = {
         **{
             code: problem_response(text)
             for code, text in (
-                (400, "undecodable image, or a transfer coding other than chunked"),
+                (400, "undecodable image"),
                 (401, "missing or wrong API key"),
                 (406, "Accept allows none of PNG, WebP, JPEG (JPEG: not for alpha)"),
                 (408, "the body stalled: no part of it for body_read_timeout_s"),
