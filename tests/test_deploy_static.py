@@ -26,6 +26,7 @@ import yaml
 
 from models.networks.checkpoints import REGISTRY
 from service.metrics import CudaCollector, Metrics
+from service.settings import NOT_SETTINGS, Settings
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -223,7 +224,7 @@ def test_compose_reserves_one_gpu_and_keeps_dcgm_optional() -> None:
         {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
     ]
     assert "/healthz" in " ".join(imdn["healthcheck"]["test"])
-    assert imdn["ports"] == ["${IMDN_PORT:-8000}:8000"]
+    assert imdn["ports"] == ["${IMDN_BIND:-127.0.0.1}:${IMDN_PORT:-8000}:8000"]
     for name, service in services.items():
         assert service.get("restart") == "unless-stopped", name
         if name != "imdn":
@@ -234,9 +235,10 @@ def test_compose_reserves_one_gpu_and_keeps_dcgm_optional() -> None:
     assert set(doc["volumes"]) == {"prometheus-data", "grafana-data"}
 
 
-def test_compose_binds_the_monitoring_to_loopback_and_wants_a_grafana_password() -> None:
+def test_compose_binds_every_port_to_loopback_and_wants_a_grafana_password() -> None:
     services = compose()["services"]
-    for name, port in (("prometheus", 9090), ("grafana", 3000), ("dcgm-exporter", 9400)):
+    ports = (("imdn", 8000), ("prometheus", 9090), ("grafana", 3000), ("dcgm-exporter", 9400))
+    for name, port in ports:
         [published] = services[name]["ports"]
         # host address (a variable, 127.0.0.1 unless set), host port, container port
         m = re.fullmatch(r"\$\{([A-Z_]+)_BIND:-([\d.]+)\}:\$\{[A-Z_]+:-(\d+)\}:(\d+)", published)
@@ -245,6 +247,11 @@ def test_compose_binds_the_monitoring_to_loopback_and_wants_a_grafana_password()
     # no default password: `${VAR:?message}` makes compose refuse to start without it
     password = services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
     assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:\?[^}]+\}", password), password
+    # the API's keys reach the service (none by default: a JSON empty list), and the
+    # variable compose reads the API's address from is no setting `imdn serve` refuses
+    keys = services["imdn"]["environment"]["IMDN_API_KEYS"]
+    assert keys == "${IMDN_API_KEYS:-[]}", keys
+    assert "IMDN_BIND" in NOT_SETTINGS and "bind" not in Settings.model_fields
 
 
 def test_compose_builds_the_cuda_variant_the_dockerfile_defaults_to_unless_told() -> None:
