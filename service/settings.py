@@ -364,6 +364,9 @@ ENV_PREFIX = "IMDN_"
 NOT_SETTINGS = frozenset(
     {
         "IMDN_SHARED_DIR",  # tests and benchmarks: where the shared weights and data are
+        "IMDN_FUZZ_SEED",  # the tests' own knobs (tests/test_fuzz.py, test_reliability.py)
+        "IMDN_FUZZ_EXAMPLES",
+        "IMDN_LOAD_REQUESTS",
         # docker-compose.yml's own variables (ports, image and build), read by compose
         "IMDN_BIND",
         "IMDN_IMAGE_TAG",
