@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -378,6 +379,9 @@ NOT_SETTINGS = frozenset(
 )
 """`IMDN_*` variables that are no setting of the server but that other parts of the
 project read: the server lets them be. Any other unknown one stops it at start."""
+SERVICE_LINKS = re.compile(r"IMDN_(SERVICE_(HOST|PORT)(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)(_\w+)?)")
+"""What Kubernetes (a Service named `imdn`, unless `enableServiceLinks: false`) and
+Docker's legacy links put in the environment: no typo of a setting, let be."""
 CLIENT_VARIABLES = {"IMDN_API_KEY": "IMDN_API_KEYS", "IMDN_URL": "IMDN_HOST and IMDN_PORT"}
 """The client's variables (`imdn upscale --url`), with what the server reads instead."""
 JSON_EXAMPLES = {
@@ -414,6 +418,8 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     for name in sorted(environ):
         upper = name.upper()
         if not upper.startswith(ENV_PREFIX) or upper in known or upper in NOT_SETTINGS:
+            continue
+        if SERVICE_LINKS.fullmatch(upper):
             continue
         if upper in CLIENT_VARIABLES:
             hint = (

@@ -13,7 +13,7 @@ import pytest
 from pydantic import SecretStr
 
 from service.cli import main
-from service.settings import Settings, env_var
+from service.settings import Settings, env_var, unknown_variables
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -100,6 +100,21 @@ def test_start_up_errors_are_json_under_the_json_log_format(
     assert entry["level"] == "CRITICAL" and entry["logger"] == "service.cli"
     assert entry["message"].startswith("invalid settings: IMDN_MODELS is not valid JSON")
     assert entry["problems"] == [entry["message"].removeprefix("invalid settings: ")]
+
+
+def test_variables_of_the_deployments_and_service_links_are_accepted() -> None:
+    """Every IMDN_* the image and the Kubernetes config set is a setting, and what a
+    Service named `imdn` (or a Docker link) adds to the environment is let be."""
+    repo = README.parent
+    given = re.findall(r"\b(IMDN_[A-Z_]+)=", (repo / "Dockerfile").read_text())
+    given += re.findall(
+        r"^(IMDN_[A-Z_]+)=", (repo / "deploy/k8s/base/config.env").read_text(), re.M
+    )
+    assert given and unknown_variables(dict.fromkeys(given, "x")) == []
+    links = ["IMDN_SERVICE_HOST", "IMDN_SERVICE_PORT_HTTP", "IMDN_PORT_8000_TCP_ADDR"]
+    assert unknown_variables(dict.fromkeys(links, "x")) == []
+    (refused,) = unknown_variables({"IMDN_SERVICE_HOSTS": "x"})  # no link's name
+    assert refused.startswith("IMDN_SERVICE_HOSTS is not a setting")
 
 
 def test_empty_api_keys_are_refused() -> None:
