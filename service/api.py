@@ -11,11 +11,14 @@ gets that instead, encoded whole off the event loop and sent with a `Content-Len
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import math
 import time
 from collections.abc import AsyncGenerator, Callable, Collection, Iterator
+from concurrent.futures import Executor
+from functools import partial
 from http import HTTPStatus
 from typing import Annotated, Any
 
@@ -29,6 +32,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from service import imaging
+from service.batcher import Reservation
 from service.engine import (
     FIXED_SCALES,
     DeadlineExceeded,
@@ -138,6 +142,8 @@ EngineDep = Annotated[Engine, _from_state("engine")]
 MetricsDep = Annotated[Metrics, _from_state("metrics")]
 SettingsDep = Annotated[Settings, _from_state("settings")]
 ReportDep = Annotated[Report, _from_state("report")]
+# the bounded pool that decodes uploads (IMDN_DECODE_THREADS): not every core
+DecoderDep = Annotated[Executor, _from_state("decoder")]
 
 
 def require_api_key(request: Request, settings: SettingsDep) -> None:
@@ -278,6 +284,14 @@ async def image_from_request(
     data = await field.read()
     await form.close()
     return data, field.content_type
+
+
+def upload_digest(data: bytes) -> bytes:
+    """A cheap identity of an upload (its length, first and last 64 KiB): the retry of a
+    refused request sends the same bytes, and finds the place kept for it."""
+    piece = 64 * 1024
+    head = data if len(data) <= 2 * piece else data[:piece] + data[-piece:]
+    return hashlib.blake2b(head, digest_size=16, salt=len(data).to_bytes(16, "big")).digest()
 
 
 # Routes
@@ -530,6 +544,7 @@ async def superres(
     metrics: MetricsDep,
     settings: SettingsDep,
     report: ReportDep,
+    decoder: DecoderDep,
     # its range in the OpenAPI document depends on the settings: `_document` adds it
     scale: float = Query(
         description="output / input size, in (1, max_scale]; 2, 3 and 4 need their "
@@ -544,7 +559,7 @@ async def superres(
 ) -> Response:
     """Super-resolve one image by `scale`; the answer is a PNG, or the WebP or JPEG
     that the Accept header prefers."""
-    return await _superres(request, engine, metrics, settings, report, scale, quality)
+    return await _superres(request, engine, metrics, settings, report, decoder, scale, quality)
 
 
 async def _superres(
@@ -553,6 +568,7 @@ async def _superres(
     metrics: Metrics,
     settings: Settings,
     report: Report,
+    decoder: Executor,
     scale: float,
     quality: int = DEFAULT_QUALITY,
 ) -> Response:
@@ -568,20 +584,33 @@ async def _superres(
         model = engine.model_name(scale)
         accept = request.headers.get("accept")
         fmt = _negotiate(accept, alpha=False)  # before the body is read: 406 costs nothing
+        deadline = arrived + settings.request_timeout_s
         data, content_type = await image_from_request(
             request, settings.max_upload_bytes, settings.body_read_timeout_s
         )
-        t0 = time.perf_counter()
-        decoded = await asyncio.to_thread(
-            imaging.decode, data, content_type, max_pixels=settings.max_input_pixels
+        # priced from the headers, before any pixel is decoded: what cannot fit is refused
+        # now, and what can keeps its place in the queue while it decodes
+        height, width = await asyncio.to_thread(
+            imaging.probe, data, content_type, max_pixels=settings.max_input_pixels
         )
-        decode_s = time.perf_counter() - t0
-        metrics.observe_decode(decode_s)
-        if decoded.alpha is not None:
-            fmt = _negotiate(accept, alpha=True)
-        out_h, out_w = imaging.output_size(decoded.height, decoded.width, scale)
+        out_h, out_w = imaging.output_size(height, width, scale)
         imaging.check_output_pixels(out_h, out_w, settings.max_output_pixels)
-        result = await _upscale_watching_disconnect(request, engine, decoded, scale)
+        held = engine.hold(height, width, scale, deadline, who=(upload_digest(data), scale))
+        try:
+            t0 = time.perf_counter()
+            decoded = await asyncio.get_running_loop().run_in_executor(
+                decoder,
+                partial(imaging.decode, data, content_type, max_pixels=settings.max_input_pixels),
+            )
+            decode_s = time.perf_counter() - t0
+            metrics.observe_decode(decode_s)
+            if decoded.alpha is not None:
+                fmt = _negotiate(accept, alpha=True)
+            result = await _upscale_watching_disconnect(
+                request, engine, decoded, scale, deadline, held
+            )
+        finally:
+            engine.release(held)
         t0 = time.perf_counter()
         pixels = await asyncio.to_thread(imaging.compose, decoded, result.image)
         composed = time.perf_counter()
@@ -704,10 +733,17 @@ def engine_error_status(exc: EngineError) -> tuple[int, str]:
 
 
 async def _upscale_watching_disconnect(
-    request: Request, engine: Engine, decoded: imaging.DecodedImage, scale: float
+    request: Request,
+    engine: Engine,
+    decoded: imaging.DecodedImage,
+    scale: float,
+    deadline: float,
+    held: Reservation,
 ) -> UpscaleResult:
     """Run the upscale, cancelling it (and dropping its queued crops) if the client leaves."""
-    work = asyncio.ensure_future(engine.upscale(decoded.pixels, scale, grey=decoded.grey))
+    work = asyncio.ensure_future(
+        engine.upscale(decoded.pixels, scale, grey=decoded.grey, deadline=deadline, hold=held)
+    )
 
     async def watch() -> None:
         while not work.done():

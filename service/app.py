@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics.from_settings(settings)
     engine = Engine(settings, metrics)
     metrics.watch_device(engine.device)
+    decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="imdn-decode")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -61,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await engine.stop()
+            decoder.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         docs_url=None,  # service/webui.py serves /docs and /redoc with local assets
@@ -78,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.report = Report()
+    app.state.decoder = decoder
     api.install(app)
     webui.install(app, settings)
     if settings.cors_origins:  # no CORS headers at all unless origins are configured

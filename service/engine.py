@@ -27,7 +27,7 @@ from models.runtime import acs
 from models.runtime.acs import CropPlan
 from models.runtime.device import side_stream
 from service import pixels
-from service.batcher import Batcher, BatchOutcome, Key, Slice
+from service.batcher import Batcher, BatchOutcome, Key, Reservation, Slice, Ticket
 from service.errors import (
     DeadlineExceeded,
     DeviceOutOfMemory,
@@ -147,6 +147,7 @@ class Engine:
             max_batch=self.settings.max_batch_size,
             max_wait_s=self.settings.max_batch_wait_ms / 1000,
             max_queue_crops=self.settings.max_queue_crops,
+            max_batch_s=self.settings.max_batch_seconds,
             batch_limit=self.runner.batch_limit,
             metrics=self.metrics,
         )
@@ -197,6 +198,43 @@ class Engine:
     def plan(self, model: LoadedModel, height: int, width: int) -> Plan:
         return self.planner.plan(height, width, model.descriptor.size_multiple)
 
+    def deadline(self) -> float:
+        """A request's deadline if it arrives now (time.perf_counter())."""
+        return time.perf_counter() + self.settings.request_timeout_s
+
+    def hold(
+        self, height: int, width: int, scale: float, deadline: float, *, who: object = None
+    ) -> Reservation:
+        """Raise `TooCostly` or `QueueFull` unless an image of height x width by `scale`
+        fits now, from the sizes alone (the API asks before decoding it); else keep its
+        place until `upscale(..., hold=)` queues it or `release` lets it go. `who`: the
+        request's identity, by which its retry after a 429 finds the place kept for it."""
+        batcher = self._running_batcher()
+        model = self.models[self.model_name(scale)]
+        key, crops = self._key(model, height, width, scale)
+        return batcher.hold(key, crops, deadline, who=who)
+
+    def release(self, held: Reservation) -> None:
+        if self._batcher is not None:
+            self._batcher.release(held)
+
+    def _running_batcher(self) -> Batcher:
+        batcher = self._batcher
+        if batcher is None or not batcher.running:  # not drain: in-flight work ends
+            raise NotReady("the models are not loaded, or the server has stopped")
+        return batcher
+
+    def _key(self, model: LoadedModel, height: int, width: int, scale: float) -> tuple[Key, int]:
+        """The batch key and crop count of an image of height x width by `scale`."""
+        plan = self._plan_of(model, height, width, scale)
+        return (model.descriptor.name, *plan.shape), len(plan.crops.crops)
+
+    def _plan_of(self, model: LoadedModel, height: int, width: int, scale: float) -> Plan:
+        """The plan of an image of height x width by `scale` (IMDN_AS runs at the output size)."""
+        if model.descriptor.any_scale:
+            height, width = output_size(height, width, scale)
+        return self._plan_for(model, height, width)
+
     async def upscale(
         self,
         image: np.ndarray,
@@ -204,37 +242,39 @@ class Engine:
         *,
         grey: bool = False,
         deadline: float | None = None,
+        hold: Reservation | None = None,
     ) -> UpscaleResult:
-        """Super-resolve an HxWx3 image (uint8, uint16, or float32 in [0, 1]) by `scale`.
+        """Super-resolve an HxWx3 image (uint8, uint16, or float32 in [0, 1]) by `scale`
+        before `deadline` (time.perf_counter(); default: the request timeout from now), in
+        the place `hold` kept for it.
 
         The result is quantised as the input's depth (uint16 for uint16, else uint8),
         grey (one plane) when `grey`.
         """
-        batcher = self._batcher
-        if batcher is None or not batcher.running:  # not drain: in-flight work ends
-            raise NotReady("the models are not loaded, or the server has stopped")
+        batcher = self._running_batcher()
         name = self.model_name(scale)
         model = self.models[name]
         if deadline is None:
-            deadline = time.perf_counter() + self.settings.request_timeout_s
+            deadline = self.deadline()
         bits = pixels.bits_of(image)
         target = output_size(image.shape[0], image.shape[1], scale)
         # refuse what cannot fit before any pixel moves (the plan needs only the sizes)
-        plan = self._plan_for(model, *(target if model.descriptor.any_scale else image.shape[:2]))
+        plan = self._plan_of(model, image.shape[0], image.shape[1], scale)
         key = (name, *plan.shape)
-        batcher.admit(key, len(plan.crops.crops), deadline)
+        batcher.admit(key, len(plan.crops.crops), deadline, hold=hold)
         started = time.perf_counter()
         job, canvas, (h, w) = await asyncio.to_thread(
             self._prepare, model, plan, image, target, grey, bits
         )
         prepare_s = time.perf_counter() - started
         self.metrics.observe_transfer("to_device", prepare_s)
-        ticket = batcher.submit(key, job.crops.shape[0], job, deadline)
+        ticket = batcher.submit(key, job.crops.shape[0], job, deadline, hold=hold)
         try:
             served = await asyncio.wait_for(
                 ticket.future, timeout=max(0.0, deadline - time.perf_counter())
             )
-        except TimeoutError:
+        except (TimeoutError, DeadlineExceeded):
+            self._missed(ticket)
             raise DeadlineExceeded(
                 f"the request did not finish within {self.settings.request_timeout_s:g}s"
             ) from None
@@ -255,6 +295,26 @@ class Engine:
             peak_memory_bytes=served.peak_memory_bytes,
             prepare_seconds=prepare_s,
             readback_seconds=readback_s,
+        )
+
+    def _missed(self, ticket: Ticket) -> None:
+        """An admitted request missed its deadline: count it, and say what was promised."""
+        model = ticket.key[0]
+        self.metrics.count_deadline_missed(model)
+        promised = (
+            "admitted unmeasured"
+            if ticket.promised is None
+            else f"estimated to finish {ticket.deadline - ticket.promised:.1f}s before it"
+        )
+        rate = self._batcher.throughput.rate(model) if self._batcher else None
+        log.warning(
+            "an admitted request (%d crops of %s) missed its deadline: %s; %d of its crops "
+            "had run; the rate is now %s s per crop pixel",
+            ticket.count,
+            ticket.key,
+            promised,
+            ticket.finished,
+            "unmeasured" if rate is None else f"{rate:.3g}",
         )
 
     def _padded_size(self, model: LoadedModel, height: int, width: int) -> tuple[int, int]:

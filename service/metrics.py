@@ -322,6 +322,13 @@ class Metrics:
         )
         self.errors = Counter("imdn_errors", "Errors by reason.", ["reason"], registry=r)
         self.batches = Counter("imdn_batches", "Batches run on the device.", ["model"], registry=r)
+        self.deadline_missed = Counter(
+            "imdn_deadline_missed",
+            "Admitted requests that then missed their deadline (504): a promise the "
+            "admission estimate broke; the log says by how much.",
+            ["model"],
+            registry=r,
+        )
         for reason in ERROR_REASONS:
             self.errors.labels(reason=reason)
         for status in REFUSALS_AT_START:
@@ -361,6 +368,7 @@ class Metrics:
         self.input_pixels.labels(model=model)
         self.output_pixels.labels(model=model)
         self.batches.labels(model=model)
+        self.deadline_missed.labels(model=model)
 
     def model_facts(self, model: ModelDescriptor) -> None:
         """A loaded model's parameters and depth, the fixed columns of Table 6."""
@@ -406,6 +414,9 @@ class Metrics:
 
     def count_error(self, reason: str) -> None:
         self.errors.labels(reason=reason).inc()
+
+    def count_deadline_missed(self, model: str) -> None:
+        self.deadline_missed.labels(model=model).inc()
 
     def request_started(self) -> None:
         self.requests_in_flight.inc()

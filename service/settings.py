@@ -114,6 +114,12 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(8, ge=4, description=">= 4: the four ACS crops share a batch")
     max_batch_wait_ms: float = Field(5.0, ge=0)
     max_queue_crops: int = Field(256, ge=1, description="crops waiting before 429")
+    max_batch_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="the most estimated device seconds in one batch (one crop at the least): "
+        "how long a small request may wait behind a large one's batch (service/batcher.py)",
+    )
     tile_max_pixels: int = Field(
         256 * 256,
         ge=32 * 32,
@@ -135,6 +141,14 @@ class Settings(BaseSettings):
         ge=0,
         description="0: no limit. Otherwise a batch whose estimated activations exceed it is "
         "treated as out of memory (split and retried), as a real CUDA OOM is",
+    )
+
+    decode_threads: int = Field(
+        default_factory=lambda: max(1, usable_cpus() // 2),
+        ge=1,
+        description="threads that decode uploads (a bounded pool: a flood of slow decodes "
+        "cannot take every core from the engine); default: half the CPUs this process may "
+        "use, at least 1",
     )
 
     # Output

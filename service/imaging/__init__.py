@@ -14,6 +14,7 @@ from service.imaging.decoding import (
     ALLOWED_FORMATS,
     DecodedImage,
     decode,
+    probe,
     sniff_format,
 )
 from service.imaging.errors import (
@@ -54,5 +55,6 @@ __all__ = [
     "encode_lossy",
     "encode_png",
     "output_size",
+    "probe",
     "sniff_format",
 ]

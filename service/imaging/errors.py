@@ -13,6 +13,7 @@ REASONS = (
     "unsupported_mode",
     "too_many_pixels",
     "decompression_bomb",
+    "too_many_scans",
     "output_too_large",
 )
 """Every `ImageError.reason`, for metrics that pre-register their labels."""
