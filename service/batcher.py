@@ -454,11 +454,14 @@ class Batcher:
             *((r.order, r.seq, r.deadline, r.seconds) for r in self._reservations if r is not mine),
         ]
         work.sort()
-        places = [(min(deadline, now + self.slack * own), math.inf), (deadline, math.inf)]
-        if mine is not None:  # the place held or promised to it comes first
-            places.insert(0, (mine.order, mine.seq))
-        for place in places:
-            finish = _fits(work, start, place, deadline, own)
+        places = [
+            ((min(deadline, now + self.slack * own), math.inf), 0.0),
+            ((deadline, math.inf), 0.0),
+        ]
+        if mine is not None:  # the place held or promised to it first: its time is counted
+            places.insert(0, ((mine.order, mine.seq), mine.seconds))
+        for place, counted in places:
+            finish = _fits(work, start, place, deadline, own, counted)
             if finish is not None:
                 return place, finish
         return None
@@ -565,11 +568,12 @@ def _fits(
     place: tuple[float, float],
     deadline: float,
     own: float,
+    counted: float = 0.0,
 ) -> float | None:
     """The estimated finish of `own` seconds placed at `place` (order, tie) among `work`
     (order, tie, deadline, seconds; sorted, run from `start`) if it meets `deadline` and
-    every piece of work it overtakes that would have met its own deadline still does;
-    else None."""
+    every piece of work it overtakes that would have met its own deadline still does
+    (with the `counted` seconds already promised to it there); else None."""
     t, finish = start, None
     for w_order, w_tie, w_deadline, seconds in work:
         if finish is None and place < (w_order, w_tie):
@@ -578,7 +582,7 @@ def _fits(
             if finish > deadline:
                 return None
         t += seconds
-        if finish is not None and t - own <= w_deadline < t:
+        if finish is not None and t - max(0.0, own - counted) <= w_deadline < t:
             return None  # it would have made it, and no longer does
     if finish is None:
         finish = t + own

@@ -602,6 +602,7 @@ def test_hpa_query_on_a_real_prometheus_scraping_two_servers(
         device="cpu",
         max_batch_size=16,
         max_batch_wait_ms=HOLD_MS,
+        max_batch_seconds=3600,  # a batch is full at 16 crops, not at a time bound
     )
     with ExitStack() as stack:
         servers = {pod: stack.enter_context(live_server(settings)) for pod in pods}

@@ -52,6 +52,7 @@ EXPECTED_TYPES = {
     "imdn_output_pixels": "counter",
     "imdn_errors": "counter",
     "imdn_batches": "counter",
+    "imdn_deadline_missed": "counter",
 }
 
 
