@@ -4,7 +4,7 @@
 
 Starts `imdn serve` (x2 on the CPU, or what IMDN_* in the environment say with
 `--inherit`), measures its capacity on a mix of small (64x64, one crop) and large
-(384x384, a few tiles) images at x2 with two closed-loop clients, then offers 0.5x, 1x,
+(256x256, one crop of 16x the pixels) images at x2 with two closed-loop clients, then offers 0.5x, 1x,
 2x and 4x that capacity as open-loop Poisson arrivals from client processes of their
 own, each request a distinct image (a few pixels changed), for `--seconds` each. A
 request refused with 429 is sent again once, after its Retry-After.
@@ -39,7 +39,7 @@ from service.child import imdn_serve
 from service.shared import WEIGHTS
 from tests.load import synthetic_source
 
-SMALL, LARGE = 64, 384  # sides of the two kinds of request
+SMALL, LARGE = 64, 256  # sides of the two kinds of request: one crop each, 16x apart
 LEVELS = (0.5, 1.0, 2.0, 4.0)
 
 
