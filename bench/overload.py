@@ -3,9 +3,9 @@
     python -m bench.overload [--seconds 20] [--timeout 15] [--processes 2]
 
 Starts `imdn serve` (x2 on the CPU, or what IMDN_* in the environment say with
-`--inherit`), measures its capacity on a mix of small (64x64, one crop) and large
-(256x256, one crop of 16x the pixels) images at x2 with two closed-loop clients, then offers 0.5x, 1x,
-2x and 4x that capacity as open-loop Poisson arrivals from client processes of their
+`--inherit`), measures its capacity on a mix of small (64x64) and large (256x256: 16x
+the pixels) images at x2 with two closed-loop clients, then offers 0.5x, 1x, 2x and 4x
+that capacity as open-loop Poisson arrivals from client processes of their
 own, each request a distinct image (a few pixels changed), for `--seconds` each. A
 request refused with 429 is sent again once, after its Retry-After.
 
@@ -167,13 +167,17 @@ class Level:
     offered: float
     results: list[Result] = field(default_factory=list)
 
-    def report(self, seconds: float, timeout: float) -> str:
-        first = Counter(r.status for r in self.results)
-        n = len(self.results) or 1
+    def goodput(self, seconds: float, timeout: float) -> float:
+        """Answers (first or retried) within the deadline, per second of arrivals."""
         good = sum(1 for r in self.results if r.status == 200 and r.seconds <= timeout)
         good += sum(
             1 for r in self.results if r.retry_status == 200 and (r.retry_seconds or 0) <= timeout
         )
+        return good / seconds
+
+    def report(self, seconds: float, timeout: float) -> str:
+        first = Counter(r.status for r in self.results)
+        n = len(self.results) or 1
         admitted = [r.seconds for r in self.results if r.status in (200, 504)]
         retried = [r for r in self.results if r.retry_after is not None and r.status == 429]
         retry_ok = sum(1 for r in retried if r.retry_status == 200)
@@ -184,7 +188,7 @@ class Level:
         other = n - sum(first.get(code, 0) for code in (200, 429, 413, 504))
         return (
             f"{self.factor:3g}x  offered {self.offered:5.2f}/s  sent {len(self.results):4d}  "
-            f"goodput {good / seconds:5.2f}/s  {shares}  other: {other}  "
+            f"goodput {self.goodput(seconds, timeout):5.2f}/s  {shares}  other: {other}  "
             f"admitted p50 {percentile(admitted, 50):5.2f} s p99 {percentile(admitted, 99):5.2f} s"
             if admitted
             else f"{self.factor:3g}x  offered {self.offered:5.2f}/s  nothing admitted"
@@ -225,13 +229,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         url = served.url
         rate = capacity(url, max(10.0, args.seconds / 2), args.small_share)
         print(f"measured capacity: {rate:.2f} requests/s of the mix (closed loop, 2 clients)")
+        goodput: dict[float, float] = {}
         for factor in args.levels:
             offered = factor * rate
             level = Level(factor, offered)
             rates = {"small": offered * args.small_share, "large": offered * (1 - args.small_share)}
             level.results = spread(url, args.seconds, rates, args.processes)
             print(level.report(args.seconds, args.timeout), flush=True)
+            goodput[factor] = level.goodput(args.seconds, args.timeout)
             time.sleep(2.0)
+        if goodput.get(1.0):
+            print(
+                "goodput / goodput at 1x: "
+                + ", ".join(f"{f:g}x {g / goodput[1.0]:.2f}" for f, g in goodput.items())
+            )
         # a small request alone, then beside a stream of large ones at capacity
         large_rate = rate * (1 - args.small_share)  # the large requests of the 1x level
         alone = spread(url, args.seconds, {"small": 0.5}, 1)
