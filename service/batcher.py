@@ -146,7 +146,8 @@ class Throughput:
     A batch of at least `large_pixels` crop pixels updates the rate (an exponentially
     weighted average, weight `alpha`, of its seconds per pixel); a smaller batch, whose
     time is mostly the fixed cost of a call, updates instead the per-batch `overhead`
-    (the same average of its seconds beyond what its pixels cost at that rate). The
+    (the same average of its seconds beyond what its pixels cost at that rate), or
+    lowers the rate when it ran faster per pixel than that. The
     warm-up's lowest rate is where the average starts; `large_pixels` becomes half the
     warm-up's largest batch.
     """
@@ -166,7 +167,9 @@ class Throughput:
             return
         if model not in self.rates:
             self.rates[model] = rate
-        elif pixels >= self.large_pixels:
+        elif pixels >= self.large_pixels or rate < self.rates[model]:
+            # a small batch's rate is an upper bound of the true one (its fixed cost is
+            # in it): below the estimate, it lowers it (a slow warm-up is not kept)
             self.rates[model] += self.alpha * (rate - self.rates[model])
         else:
             excess = max(0.0, seconds - self.rates[model] * pixels)
