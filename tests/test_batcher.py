@@ -204,6 +204,13 @@ def test_the_estimate_follows_a_slowdown_and_thumbnails_do_not_price_large_image
     for _ in range(3):  # quiet again
         throughput.observe("x2", 4 * crop, 0.4)
     assert throughput.estimate("x2", crop, batches=0) < 0.13
+    # a warm-up in a slow moment (0.5 s a crop), then only one-crop batches at 0.1 s: the
+    # small batches' rate is an upper bound of the true one, and brings the estimate down
+    slow = Throughput()
+    slow.observe("x2", 4 * crop, 2.0, warm_up=True)
+    for _ in range(5):
+        slow.observe("x2", crop, 0.1)
+    assert slow.estimate("x2", crop, batches=0) < 0.125
 
 
 def test_overload_admitted_requests_all_finish_in_time() -> None:
