@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import io
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -66,6 +68,7 @@ def server(weights_dir: Path) -> Iterator[LiveServer]:
         request_timeout_s=DEADLINE_S,
         max_queue_crops=1000,
         max_batch_seconds=BATCH_S,
+        decode_threads=1,
     )
     # the stand-in from the start, so that the warm-up measures it as it would the network
     with pytest.MonkeyPatch.context() as patch:
@@ -120,14 +123,16 @@ def test_a_burst_is_admitted_as_far_as_it_can_finish_and_retries_find_their_plac
 
 
 def test_an_image_that_could_never_fit_is_413_before_it_is_decoded(server: LiveServer) -> None:
-    """A 1-bit 1024x1024 PNG (441 crops: 44 s against a 6 s deadline) and a 1-bit
-    4096x4096 one: 413 `too_costly` at once, priced from the header (no decode), while
-    a small request beside them is served."""
+    """A 1-bit 1024x1024 PNG (441 crops: 44 s against a 6 s deadline), a 1-bit 4096x4096
+    one and a flat 4096x4096 WebP of a few hundred bytes: 413 `too_costly` at once,
+    priced from the header (no decode), while a small request beside them is served."""
     url = server.url
     decoded = metric(url, "imdn_decode_seconds_count")
-    for side in (1024, 4096):
+    for side, mode, fmt in ((1024, "1", "PNG"), (4096, "1", "PNG"), (4096, "RGB", "WEBP")):
         bomb = io.BytesIO()
-        Image.new("1", (side, side), 1).save(bomb, "PNG")
+        Image.new(mode, (side, side), 1).save(
+            bomb, fmt, **({"lossless": True} if mode == "RGB" else {})
+        )
         started = time.perf_counter()
         r = httpx.post(f"{url}/v1/superres?scale=2", content=bomb.getvalue(), timeout=30)
         assert time.perf_counter() - started < 1.0
@@ -205,3 +210,40 @@ def test_probe_reads_the_upright_size_from_the_headers() -> None:
     Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(out, "JPEG", exif=exif)
     assert imaging.probe(out.getvalue(), None, max_pixels=10**6) == (40, 30)
     assert imaging.decode(out.getvalue(), None, max_pixels=10**6).pixels.shape[:2] == (40, 30)
+
+
+def test_uploads_decode_in_a_bounded_pool(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six uploads at once with IMDN_DECODE_THREADS=1: one decode at a time (each made to
+    take 0.2 s here), and every request still served."""
+    running, most = 0, 0
+    lock = threading.Lock()
+    decode = imaging.decode
+
+    def slow_decode(*args: Any, **kw: Any) -> imaging.DecodedImage:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            time.sleep(0.2)
+            return decode(*args, **kw)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(imaging, "decode", slow_decode)
+
+    async def flood() -> list[int]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            answers = await asyncio.gather(
+                *(
+                    client.post("/v1/superres?scale=2", content=image(SMALL, 600 + i))
+                    for i in range(6)
+                )
+            )
+            return [r.status_code for r in answers]
+
+    assert asyncio.run(flood()) == [200] * 6
+    assert most == 1
