@@ -227,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     with imdn_serve(settings, inherit=args.inherit, start_timeout=300) as served:
         url = served.url
-        rate = capacity(url, max(10.0, args.seconds / 2), args.small_share)
+        rate = capacity(url, max(2.0, args.seconds / 2), args.small_share)
         print(f"measured capacity: {rate:.2f} requests/s of the mix (closed loop, 2 clients)")
         goodput: dict[float, float] = {}
         for factor in args.levels:

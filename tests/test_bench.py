@@ -20,6 +20,7 @@ from bench import (
     gil_convoy,
     gpu_targets,
     model_vs_machine,
+    overload,
     server_overhead,
 )
 from bench.common import http_load_spread
@@ -221,3 +222,16 @@ def test_batch_split_bench_serves_both_modes_side_by_side(weights_dir: Path) -> 
     for rates, crops in figures.values():
         assert len(rates) == 2 and all(r > 0 for r in rates)
         assert crops >= 1.0
+
+
+def test_overload_bench_prints_every_level_and_the_small_request_beside_large_ones(
+    weights_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A short run (one level, a few seconds of arrivals): the capacity, the level's line
+    with its status shares, and the small request's p99 alone and beside large ones."""
+    overload.main(["--seconds", "3", "--levels", "1", "--processes", "1", "--timeout", "30"])
+    out = capsys.readouterr().out
+    assert re.search(r"measured capacity: [\d.]+ requests/s", out), out
+    assert re.search(r"1x +offered +[\d.]+/s +sent +\d+ +goodput .* 200: +[\d.]+%", out), out
+    assert "goodput / goodput at 1x: 1x 1.00" in out
+    assert re.search(r"small request p99: alone [\d.]+ s, beside large ones", out), out
