@@ -65,7 +65,8 @@ HEADROOM = 1.5
 """Admission plans with this many times the estimated time to each finish: the estimate
 lags a host whose load changes by the second, and requests that overtake an admitted one
 may use its slack only down to this margin (without it, on the loaded 2-core CPU, 6-10 %
-of the requests admitted at 2-4x the capacity missed their deadline)."""
+of the requests admitted at 2-4x the capacity missed their deadline). While the batch on
+the device runs past its estimate, the margin grows by as much (`_overrun`)."""
 
 
 class Served(NamedTuple):
@@ -295,6 +296,15 @@ class Batcher:
         started, estimate = self._running
         return max(0.0, estimate - (now - started))
 
+    def _overrun(self, now: float) -> float:
+        """How many times its estimate the batch on the device has taken so far, when
+        more than once: the device is that much slower now than the estimate knows (it
+        learns only when the batch ends), and admission plans with it; else 1."""
+        if self._running is None:
+            return 1.0
+        started, estimate = self._running
+        return max(1.0, (now - started) / estimate) if estimate > 0 else 1.0
+
     def _claimable(self, now: float, key: Key, count: int, who: object) -> Reservation | None:
         """The retry reservation a request of `key` and `count` crops (and identity `who`)
         may claim now."""
@@ -412,10 +422,11 @@ class Batcher:
         if own is None:
             return (deadline, math.inf), None
         start = now + self._in_flight_s(now)
+        margin = HEADROOM * self._overrun(now)
         # a request claims a retry's reservation only when it does not fit without one
         claimable = None if hold is not None else self._claimable(now, key, count, who)
         for mine in (hold, claimable) if claimable is not None else (hold,):
-            fitted = self._place(start, now, own, deadline, mine)
+            fitted = self._place(start, now, own, deadline, mine, margin)
             if fitted is not None:
                 if claim and mine is not None and mine.retry:
                     self.release(mine)
@@ -428,7 +439,7 @@ class Batcher:
         )
         behind += own
         # sent again after R, with the work ahead R seconds shorter and the deadline R later
-        retry = _retry_after((now + HEADROOM * (behind - now) - deadline) / HEADROOM)
+        retry = _retry_after((now + margin * (behind - now) - deadline) / margin)
         if hold is None and retry <= budget:  # promise a place to its retry
             self._reservations.append(
                 Reservation(
@@ -450,11 +461,18 @@ class Batcher:
         )
 
     def _place(
-        self, start: float, now: float, own: float, deadline: float, mine: Reservation | None
+        self,
+        start: float,
+        now: float,
+        own: float,
+        deadline: float,
+        mine: Reservation | None,
+        margin: float,
     ) -> tuple[tuple[float, float], float] | None:
         """Where `own` seconds due at `deadline` fit among the queued and promised work
-        (its own reservation `mine` aside, whose place it tries first), and its estimated
-        finish there; None where it fits nowhere."""
+        (its own reservation `mine` aside, whose place it tries first) with `margin` on
+        each estimated time to finish, and its estimated finish there; None where it fits
+        nowhere."""
         work: list[tuple[float, float, float, float, float]] = [
             *(
                 (t.order, t.seq, t.deadline, self.cost(t.key, t.remaining) or 0.0, now)
@@ -475,7 +493,7 @@ class Batcher:
         if mine is not None:  # the place held or promised to it first: its time is counted
             places.insert(0, ((mine.order, mine.seq), mine.seconds))
         for place, counted in places:
-            finish = _fits(work, now, start, place, deadline, own, counted)
+            finish = _fits(work, now, start, place, deadline, own, counted, margin)
             if finish is not None:
                 return place, finish
         return None
@@ -584,16 +602,17 @@ def _fits(
     deadline: float,
     own: float,
     counted: float = 0.0,
+    margin: float = HEADROOM,
 ) -> float | None:
     """The estimated finish of `own` seconds placed at `place` (order, tie) among `work`
     (order, tie, deadline, seconds, since; sorted, run from `start`) if it meets
     `deadline` and every piece of work it overtakes that would have met its own still does
     (with the `counted` seconds already promised to it there); else None. Meeting a
-    deadline means with `HEADROOM`: the time from `since` (now; a retry: when it comes) to
-    the estimated finish, times `HEADROOM`, fits."""
+    deadline means with a `margin`: the time from `since` (now; a retry: when it comes) to
+    the estimated finish, times `margin`, fits."""
 
     def meets(t: float, due: float, since: float = now) -> bool:
-        return since + HEADROOM * (t - since) <= due
+        return since + margin * (t - since) <= due
 
     delay = max(0.0, own - counted)
     t, finish = start, None

@@ -186,6 +186,35 @@ def test_a_refused_request_s_retry_finds_its_place_kept() -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize(("elapsed", "admitted"), [(2.0, True), (12.0, False)])
+def test_a_batch_running_past_its_estimate_makes_admission_wary(
+    elapsed: float, admitted: bool
+) -> None:
+    """A 4 s batch on the device: 2 s into it, an 8 s request fits its 30 s deadline (with
+    the 1.5x headroom: 15 s); 12 s into it (3x its estimate, which the rate learns only
+    when it ends), the same request is planned at 3x too (36 s) and refused."""
+
+    async def scenario() -> bool:
+        clock = FakeClock()
+        runner = FakeRunner(clock, per_crop=True)
+        runner.gate = asyncio.Event()
+        batcher = make(clock, runner, max_batch=4)
+        measured(batcher, 1.0)
+        batcher.start()
+        batcher.submit(KEY, 4, "running", clock.now + 100)
+        await asyncio.sleep(0)  # its batch is on the device (held at the gate)
+        clock.now += elapsed
+        try:
+            batcher.submit(KEY, 8, "next", clock.now + 30)
+        except QueueFull:
+            return False
+        finally:
+            await batcher.stop()
+        return True
+
+    assert asyncio.run(scenario()) is admitted
+
+
 def test_the_estimate_follows_a_slowdown_and_thumbnails_do_not_price_large_images_out() -> None:
     throughput = Throughput()
     throughput.observe("x2", 4 * 64 * 64, 0.4, warm_up=True)  # 0.1 s a 64x64 crop
