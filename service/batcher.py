@@ -475,12 +475,12 @@ class Batcher:
         nowhere."""
         work: list[tuple[float, float, float, float, float]] = [
             *(
-                (t.order, t.seq, t.deadline, self.cost(t.key, t.remaining) or 0.0, now)
+                (t.order, t.seq, t.deadline, self.cost(t.key, t.remaining) or 0.0, t.enqueued)
                 for t in self._tickets
                 if t.live
             ),
             *(
-                (r.order, r.seq, r.deadline, r.seconds, max(now, r.at))
+                (r.order, r.seq, r.deadline, r.seconds, max(now, r.at) if r.retry else r.at)
                 for r in self._reservations
                 if r is not mine
             ),
@@ -608,8 +608,10 @@ def _fits(
     (order, tie, deadline, seconds, since; sorted, run from `start`) if it meets
     `deadline` and every piece of work it overtakes that would have met its own still does
     (with the `counted` seconds already promised to it there); else None. Meeting a
-    deadline means with a `margin`: the time from `since` (now; a retry: when it comes) to
-    the estimated finish, times `margin`, fits."""
+    deadline means with a `margin`: the time from `since` (the newcomer: now; the others:
+    when they were admitted, a retry: when it comes) to the estimated finish, times
+    `margin`, fits: an admitted request keeps the slack it was admitted with, however
+    long it has waited."""
 
     def meets(t: float, due: float, since: float = now) -> bool:
         return since + margin * (t - since) <= due
@@ -623,9 +625,14 @@ def _fits(
             if not meets(finish, deadline):
                 return None
         t += seconds
-        late = not meets(t, w_deadline, since)
-        if finish is not None and late and meets(t - delay, w_deadline, since):
-            return None  # it would have made it, and no longer does
+        if finish is not None and (
+            # planned from its admission, with the margin: it would have made it, and no
+            # longer does (the margin is not shrunk by the time passed since)
+            (meets(t - delay, w_deadline, since) and not meets(t, w_deadline, since))
+            # or plainly, at the estimate: it would have made it, and no longer does
+            or t - delay <= w_deadline < t
+        ):
+            return None
     if finish is None:
         finish = t + own
     return finish if meets(finish, deadline) else None
