@@ -43,8 +43,9 @@ RUN pip install --no-cache-dir \
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
-# the dependencies and the `gpu` extra (NVML, for the utilisation gauge)
-RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['gpu']))" > /tmp/requirements.txt \
+# the dependencies, the `gpu` extra (NVML, for the utilisation gauge) and the `video`
+# extra (PyAV: POST /v1/superres/video)
+RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['gpu'] + p['optional-dependencies']['video']))" > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt \
     && python3 -c "import torch; assert torch.version.cuda, 'torch lost its CUDA build'"
 
