@@ -18,6 +18,7 @@ from service.logs import RequestContextMiddleware
 from service.metrics import Metrics
 from service.report import Report
 from service.settings import Settings
+from service.video import route as video_route
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.report = Report()
     app.state.decoder = decoder
     api.install(app)
+    app.include_router(video_route.router)  # POST /v1/superres/video (service/video/)
     webui.install(app, settings)
     if settings.cors_origins:  # no CORS headers at all unless origins are configured
         app.add_middleware(

@@ -136,6 +136,40 @@ class Settings(BaseSettings):
         "size 1; warmed like the other buckets (docs/deploy.md)",
     )
 
+    # Video (POST /v1/superres/video, docs/video.md; needs the 'video' extra)
+    video_max_upload_bytes: int = Field(
+        1024 * 1024 * 1024, gt=0, description="largest video upload (spooled to a temp file)"
+    )
+    video_max_input_pixels: int = Field(3840 * 2160, gt=0, description="pixels of an input frame")
+    video_max_output_pixels: int = Field(
+        7680 * 4320, gt=0, description="pixels of an output frame"
+    )
+    video_max_frames: int = Field(108_000, gt=0, description="frames of one video (1 h at 30/s)")
+    video_max_duration_s: float = Field(3600.0, gt=0, description="seconds of one video")
+    video_timeout_s: float = Field(
+        3600.0, gt=0, description="deadline of one video request, from its arrival"
+    )
+    video_frames_in_flight: int = Field(
+        4,
+        ge=1,
+        description="frames between the decoder and the encoder of one video (memory bound; "
+        "several small frames share a forward)",
+    )
+    video_encoder: str = Field(
+        "auto",
+        description="'auto' (NVENC on a CUDA host where PyAV has it, else the CPU encoder), "
+        "'cpu' (libx264/libx265/SVT-AV1/libvpx), or an encoder name (e.g. h264_nvenc)",
+    )
+    video_codec_threads: int = Field(
+        default_factory=lambda: max(1, usable_cpus() // 4),
+        ge=1,
+        description="threads of each video's decoder and encoder (default: a quarter of the "
+        "CPUs, leaving the network the rest)",
+    )
+    video_temp_dir: Path | None = Field(
+        None, description="where uploads are spooled (default: the system's temp folder)"
+    )
+
     device_memory_budget_bytes: int = Field(
         0,
         ge=0,

@@ -60,6 +60,9 @@ class VideoStats:
     model: str = ""
     started: float = field(default_factory=time.perf_counter)
     dropped_streams: tuple[str, ...] = ()
+    stop: Callable[[], None] = lambda: None
+    """Stop the work now (idempotent, no await): the stream's owner calls it when it
+    stops reading, since a generator left at a `yield` runs its `finally` only later."""
 
     def frames_per_second(self) -> float:
         elapsed = time.perf_counter() - self.started
@@ -98,6 +101,21 @@ async def upscale_video(
     slots = asyncio.Semaphore(job.frames_in_flight)
     in_flight: set[asyncio.Future[UpscaleResult]] = set()
     items = None
+    stopped = False
+
+    def stop() -> None:
+        nonlocal stopped
+        if stopped:
+            return
+        stopped = True
+        if producer is not None:
+            producer.cancel()
+        for work in list(in_flight):
+            work.cancel()  # its crops leave the batch queue
+        _close_in(decode_pool, items, decoder)
+        _close_in(encode_pool, None, encoder)
+
+    stats.stop = stop
     try:
         decoder = await on(
             decode_pool,
@@ -182,13 +200,7 @@ async def upscale_video(
         if data:
             yield data
     finally:
-        # no await here: a cancelled scope (the client left) would cancel it again
-        if producer is not None:
-            producer.cancel()
-        for work in list(in_flight):
-            work.cancel()  # its crops leave the batch queue
-        _close_in(decode_pool, items, decoder)
-        _close_in(encode_pool, None, encoder)
+        stop()  # no await here: a cancelled scope (the client left) would cancel it again
 
 
 def _close_in(
