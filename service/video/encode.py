@@ -3,7 +3,8 @@ or a WebM (VP9), written piece by piece into memory for the HTTP body.
 
 What the upload carries is kept: every frame's timestamp (the encoder gets the input's
 time base and each frame's pts; B-frames are off, so that no decoding delay shifts the
-first timestamp in a fragmented file, which has no edit list to undo it), the rotation
+first timestamp in a fragmented file, which has no edit list to undo it; x264 and x265
+run without lookahead, so that a frame's packet leaves as it is encoded), the rotation
 (display matrix), the sample aspect ratio, and the colour primaries, transfer, matrix
 and range (tags and conversion alike); 10-bit where the codec has it. Audio and subtitle
 streams are copied packet for packet where the output container holds their codec,
@@ -110,9 +111,10 @@ def pixel_format(codec: Codec, encoder: str, bits: int, height: int, width: int)
 
 def _options(encoder: str, crf: int) -> dict[str, str]:
     if encoder == "libx264":
-        return {"crf": str(crf), "preset": "veryfast"}
+        return {"crf": str(crf), "preset": "veryfast", "tune": "zerolatency"}
     if encoder == "libx265":
-        return {"crf": str(crf), "preset": "fast", "x265-params": "bframes=0:log-level=error"}
+        return {"crf": str(crf), "preset": "fast", "tune": "zerolatency",
+                "x265-params": "bframes=0:log-level=error"}
     if encoder == "libsvtav1":
         return {"crf": str(crf), "preset": "10"}
     if encoder == "libvpx-vp9":

@@ -159,6 +159,7 @@ async def upscale_video(
         producer = asyncio.ensure_future(produce())
         tb = float(job.info.time_base)
         first_pts: int | None = None
+        pending = b""
         while True:
             entry = await queue.get()
             if entry is _END:
@@ -190,15 +191,17 @@ async def upscale_video(
             else:
                 assert isinstance(entry, AudioFrame)
                 data = await on(encode_pool, encoder.audio, entry.stream_index, entry.frame)
-            if data:
-                yield data
+            pending += data
+            if pending and stats.frames:  # nothing leaves before the first frame is encoded
+                yield pending
+                pending = b""
         t0 = time.perf_counter()
         data = await on(encode_pool, encoder.finish)
         stats.encode_s += time.perf_counter() - t0
         stats.seconds_out = max(stats.seconds_out, job.info.duration_s)
         encoder = None  # finished: nothing to release
-        if data:
-            yield data
+        if pending + data:
+            yield pending + data
     finally:
         stop()  # no await here: a cancelled scope (the client left) would cancel it again
 
