@@ -323,12 +323,13 @@ def _document(app: FastAPI, settings: Settings) -> dict[str, Any]:
     if app.openapi_schema:
         return app.openapi_schema
     schema = FastAPI.openapi(app)
-    (scale,) = (
-        p for p in schema["paths"]["/v1/superres"]["post"]["parameters"] if p["name"] == "scale"
-    )
-    # where a field's json_schema_extra would go: before the title, which pydantic adds last
-    title = scale["schema"].pop("title")
-    scale["schema"].update(served_scales(settings.max_scale, settings.models), title=title)
+    for path in ("/v1/superres", "/v1/superres/video"):  # images; videos (service/video/)
+        if path not in schema["paths"]:
+            continue
+        (scale,) = (p for p in schema["paths"][path]["post"]["parameters"] if p["name"] == "scale")
+        # where a field's json_schema_extra would go: before the title, which pydantic adds last
+        title = scale["schema"].pop("title")
+        scale["schema"].update(served_scales(settings.max_scale, settings.models), title=title)
     if not settings.api_keys:
         return schema
     guards: set[Callable[..., Any]] = {require_api_key}

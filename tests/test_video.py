@@ -130,9 +130,7 @@ def test_vp9_webm_by_accept_from_a_multipart_body_reencodes_the_audio(
 
 def test_odd_sides_and_10_bit(server: LiveServer) -> None:
     """17x13 x3 = 51x39: odd sides are encoded 4:4:4; 10-bit stays 10-bit."""
-    data, times = make_clip(
-        width=17, height=13, frames=4, audio=None, pix_fmt="yuv444p10le", vfr=False
-    )
+    data, _ = make_clip(width=17, height=13, frames=4, audio=None, pix_fmt="yuv444p10le", vfr=False)
     r = httpx.post(f"{server.url}{URL}?scale=3", content=data, headers=MP4, timeout=300)
     assert r.status_code == 200, r.text
     out = decoded_frames(r.content)

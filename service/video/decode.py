@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import av.error
@@ -39,7 +40,7 @@ class Frame:
 class Packet:
     """A packet of a stream copied to the output untouched."""
 
-    packet: av.Packet
+    packet: av.Packet[Any]
 
 
 @dataclass
@@ -72,15 +73,16 @@ class Decoder:
         self.info = info
         self.copy, self.reencode = copy, reencode
         self.container = av.open(str(path), metadata_errors="ignore")
-        self.video = self.container.streams[info.video_index]
+        self.video = self.container.streams.video[0]  # the one probe() read
         self.video.thread_type = "AUTO"
         self.video.codec_context.thread_count = threads
         self._rgb = rgb_args(info)
 
     def items(self) -> Iterator[Item]:
         streams = [
-            s for s in self.container.streams if s.index in {self.video.index, *self.copy,
-                                                              *self.reencode}
+            s
+            for s in self.container.streams
+            if s.index in {self.video.index, *self.copy, *self.reencode}
         ]
         index, last_pts = 0, -1
         step = _frame_step(self.info)
@@ -101,7 +103,7 @@ class Decoder:
                     assert isinstance(frame, av.VideoFrame)
                     pts = frame.pts if frame.pts is not None else last_pts + step
                     last_pts = pts
-                    pixels = frame.to_ndarray(**self._rgb)
+                    pixels = frame.to_ndarray(**self._rgb)  # type: ignore[arg-type]
                     now = time.perf_counter()
                     yield Frame(index, pixels, pts, self.info.time_base, now - t0)
                     index += 1

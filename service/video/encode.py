@@ -19,8 +19,10 @@ rule) rather than padded, cropped or resized; AV1 (SVT-AV1 is 4:2:0 only) refuse
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 import av
 import numpy as np
@@ -53,7 +55,10 @@ CODECS = {
 }
 # what each output container takes as it is; audio of other codecs is re-encoded to the first
 HOLDS = {
-    "mp4": {"audio": ("aac", "mp3", "opus", "flac", "alac", "ac3", "eac3"), "subtitle": ("mov_text",)},
+    "mp4": {
+        "audio": ("aac", "mp3", "opus", "flac", "alac", "ac3", "eac3"),
+        "subtitle": ("mov_text",),
+    },
     "webm": {"audio": ("opus", "vorbis"), "subtitle": ("webvtt",)},
 }
 AUDIO_ENCODER = {"mp4": "aac", "webm": "libopus"}
@@ -113,8 +118,12 @@ def _options(encoder: str, crf: int) -> dict[str, str]:
     if encoder == "libx264":
         return {"crf": str(crf), "preset": "veryfast", "tune": "zerolatency"}
     if encoder == "libx265":
-        return {"crf": str(crf), "preset": "fast", "tune": "zerolatency",
-                "x265-params": "bframes=0:log-level=error"}
+        return {
+            "crf": str(crf),
+            "preset": "fast",
+            "tune": "zerolatency",
+            "x265-params": "bframes=0:log-level=error",
+        }
     if encoder == "libsvtav1":
         return {"crf": str(crf), "preset": "10"}
     if encoder == "libvpx-vp9":
@@ -164,6 +173,7 @@ class Encoder:
         height, width = size
         self.pix_fmt = pixel_format(codec, encoder, info.bits, height, width)
         stream = self.out.add_stream(encoder, rate=info.rate or 25, options=_options(encoder, crf))
+        assert isinstance(stream, av.VideoStream)
         stream.width, stream.height, stream.pix_fmt = width, height, self.pix_fmt
         stream.time_base = info.time_base
         ctx = stream.codec_context
@@ -194,6 +204,7 @@ class Encoder:
                     AUDIO_ENCODER[codec.container],
                     rate=48000 if codec.container == "webm" else template.rate,
                 )
+                assert isinstance(audio, av.AudioStream)
                 audio.layout = template.layout
                 self.reencoded[index] = audio
         self._rgb = "rgb48le" if info.bits > 8 else "rgb24"
@@ -212,7 +223,7 @@ class Encoder:
             self.out.mux(packet)
         return self.sink.take()
 
-    def packet(self, packet: av.Packet) -> bytes:
+    def packet(self, packet: av.Packet[Any]) -> bytes:
         packet.stream = self.copied[packet.stream.index]
         self.out.mux(packet)
         return self.sink.take()
@@ -235,7 +246,5 @@ class Encoder:
 
     def close(self) -> None:
         """Give up: release the encoder without writing what is left."""
-        try:
+        with contextlib.suppress(Exception):  # an aborted stream's output: nothing to keep
             self.out.close()
-        except Exception:  # half-written output of an aborted stream: nothing to keep
-            pass

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +82,7 @@ async def upscale_video(
     job: VideoJob,
     stats: VideoStats,
     on_frame: Callable[[VideoStats], None] | None = None,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The output container's bytes as fragments complete; raises `VideoError` (decode),
     `EngineError` (a frame refused, or the deadline) where it stops."""
     loop = asyncio.get_running_loop()
@@ -120,7 +120,10 @@ async def upscale_video(
         decoder = await on(
             decode_pool,
             lambda: Decoder(
-                job.path, job.info, copy=set(plan.copy), reencode=set(plan.reencode),
+                job.path,
+                job.info,
+                copy=set(plan.copy),
+                reencode=set(plan.reencode),
                 threads=job.threads,
             ),
         )
@@ -128,8 +131,14 @@ async def upscale_video(
         encoder = await on(
             encode_pool,
             lambda: Encoder(
-                source, job.info, plan, codec=job.codec, encoder=job.encoder, crf=job.crf,
-                size=job.output_size, threads=job.threads,
+                source,
+                job.info,
+                plan,
+                codec=job.codec,
+                encoder=job.encoder,
+                crf=job.crf,
+                size=job.output_size,
+                threads=job.threads,
             ),
         )
         items = decoder.items()
@@ -206,9 +215,7 @@ async def upscale_video(
         stop()  # no await here: a cancelled scope (the client left) would cancel it again
 
 
-def _close_in(
-    pool: ThreadPoolExecutor, items: Any, closable: Decoder | Encoder | None
-) -> None:
+def _close_in(pool: ThreadPoolExecutor, items: Any, closable: Decoder | Encoder | None) -> None:
     """Close a stage in its own thread, after the call it may be in, and let the thread go."""
 
     def close() -> None:

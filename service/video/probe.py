@@ -150,8 +150,9 @@ def _check_size(width: int, height: int, scale: float, limits: VideoLimits) -> N
         )
 
 
-def _count(container: av.container.InputContainer, stream: av.VideoStream, limits: VideoLimits
-           ) -> tuple[int, float]:
+def _count(
+    container: av.container.InputContainer, stream: av.VideoStream, limits: VideoLimits
+) -> tuple[int, float]:
     """(video packets, seconds from the first timestamp to the end of the last frame),
     demuxing only; refused as soon as either passes its limit."""
     frames, first, last = 0, math.inf, -math.inf

@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, BinaryIO, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
@@ -38,7 +38,7 @@ from service.api import (
     engine_error_status,
     problem_response,
 )
-from service.engine import EngineError
+from service.engine import EngineError, QueueFull
 from service.video.errors import VideoError
 from service.video.metrics import VideoMetrics
 
@@ -75,11 +75,13 @@ def video_metrics(request: Request) -> VideoMetrics:
             code: problem_response(text)
             for code, text in (
                 (400, "undecodable video"),
+                (401, "missing or wrong API key"),
                 (406, "Accept allows none of the codec's container"),
                 (408, "the body stalled"),
                 (413, "upload, frame size, frame count or duration over a limit"),
                 (415, "not a video type or container we take; an animated image"),
                 (422, "bad scale, codec or crf; no video stream, no frames, alpha"),
+                (429, "queue full: retry after Retry-After seconds"),
                 (501, "PyAV (the 'video' extra) is not installed"),
                 (503, "not ready"),
                 (504, "deadline exceeded before the first byte"),
@@ -107,9 +109,10 @@ async def superres_video(
     engine: EngineDep,
     settings: SettingsDep,
     scale: float = Query(description="as for images: 2, 3, 4, or any in (1, max] with IMDN_AS"),
-    codec: CodecName | None = Query(
-        None, description="h264 (default), hevc, av1 (MP4) or vp9 (WebM); default from Accept"
-    ),
+    codec: Annotated[
+        CodecName | None,
+        Query(description="h264 (default), hevc, av1 (MP4) or vp9 (WebM); default from Accept"),
+    ] = None,
     crf: int | None = Query(None, ge=0, le=63, description="quality: lower is better"),
 ) -> Response:
     """Upscale every frame of a video; the answer keeps its audio, timestamps, rotation,
@@ -134,8 +137,12 @@ async def superres_video(
         _check_accept(request.headers.get("accept"), chosen.media_type)
         if crf is not None and crf > chosen.max_crf:
             raise ProblemError(422, "bad_crf", f"crf for {chosen.name} is 0..{chosen.max_crf}")
-        path = await spool(request, settings.video_max_upload_bytes, settings.body_read_timeout_s,
-                           settings.video_temp_dir)
+        path = await spool(
+            request,
+            settings.video_max_upload_bytes,
+            settings.body_read_timeout_s,
+            settings.video_temp_dir,
+        )
         limits = VideoLimits(
             settings.video_max_input_pixels,
             settings.video_max_output_pixels,
@@ -160,15 +167,20 @@ async def superres_video(
     except BaseException as exc:
         if path is not None:
             path.unlink(missing_ok=True)
-        outcome = "cancelled" if isinstance(exc, ClientDisconnect | asyncio.CancelledError) else (
-            "refused"
+        outcome = (
+            "cancelled"
+            if isinstance(exc, ClientDisconnect | asyncio.CancelledError)
+            else ("refused")
         )
         metrics.videos.labels(outcome=outcome).inc()
         if isinstance(exc, VideoError):
             raise ProblemError(exc.status, exc.reason, exc.detail) from exc
         if isinstance(exc, EngineError):
             status, _ = engine_error_status(exc)
-            raise ProblemError(status, exc.reason, str(exc)) from exc
+            retry = (
+                {"Retry-After": f"{exc.retry_after_s:.0f}"} if isinstance(exc, QueueFull) else None
+            )
+            raise ProblemError(status, exc.reason, str(exc), headers=retry) from exc
         if isinstance(exc, ClientDisconnect):
             return Response(status_code=499)
         raise
@@ -243,7 +255,7 @@ async def spool(request: Request, limit: int, timeout_s: float, folder: Path | N
         raise
 
 
-async def _capped(request: Request, limit: int, timeout_s: float) -> AsyncIterator[bytes]:
+async def _capped(request: Request, limit: int, timeout_s: float) -> AsyncGenerator[bytes, None]:
     size = 0
     pieces = request.stream()
     while True:
@@ -264,7 +276,9 @@ async def _capped(request: Request, limit: int, timeout_s: float) -> AsyncIterat
         yield chunk
 
 
-async def _spool_multipart(request: Request, body: AsyncIterator[bytes], out: object) -> None:
+async def _spool_multipart(
+    request: Request, body: AsyncGenerator[bytes, None], out: BinaryIO
+) -> None:
     try:
         form = await MultiPartParser(request.headers, body, max_files=2, max_fields=16).parse()
     except MultiPartException as exc:
@@ -275,7 +289,8 @@ async def _spool_multipart(request: Request, body: AsyncIterator[bytes], out: ob
             raise ProblemError(
                 422, "missing_video_field", "a multipart body needs one file field named 'video'"
             )
-        await asyncio.to_thread(shutil.copyfileobj, fields[0].file, out)
+        source = fields[0].file
+        await asyncio.to_thread(lambda: shutil.copyfileobj(source, out))
     finally:
         await form.close()
 
@@ -329,9 +344,7 @@ async def _body(
         outcome = "aborted"
         reason = exc.reason
         metrics.aborted.labels(reason=reason).inc()
-        log.warning(
-            "video stream cut after %d frames (%s): %s", stats.frames, reason, exc
-        )
+        log.warning("video stream cut after %d frames (%s): %s", stats.frames, reason, exc)
         raise
     except Exception as exc:
         outcome = "aborted"
