@@ -237,3 +237,67 @@ def test_a_client_that_leaves_stops_the_work_and_leaves_no_file(
     batches = metric(server, "imdn_batches_total")
     time.sleep(2.0)
     assert metric(server, "imdn_batches_total") == batches
+
+
+def test_corrupt_frames_in_the_middle_are_concealed_not_fatal(server: LiveServer) -> None:
+    """Garbage over a middle frame's bytes (the container intact): FFmpeg's decoder conceals
+    the damage, as a player would, and every frame comes back."""
+    data, times = make_clip(frames=12, audio=None, container="matroska", vfr=False)
+    with av.open(io.BytesIO(data)) as c:
+        packets = [bytes(p) for p in c.demux(video=0) if p.size]
+    middle = packets[6]
+    at = data.index(middle) + len(middle) // 4
+    rng = np.random.default_rng(1)
+    damaged = data[:at] + rng.bytes(len(middle) // 2) + data[at + len(middle) // 2 :]
+    r = httpx.post(
+        f"{server.url}{URL}?scale=2",
+        content=damaged,
+        headers={"content-type": "video/x-matroska"},
+        timeout=300,
+    )
+    assert r.status_code == 200, r.text
+    assert len(decoded_frames(r.content)) == 12 == len(times)
+
+
+def test_a_deadline_before_the_first_byte_is_a_problem(
+    server: LiveServer, clip: tuple[bytes, list[float]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server.app.state.settings, "video_timeout_s", 1e-6)
+    r = httpx.post(f"{server.url}{URL}?scale=2", content=clip[0], headers=MP4, timeout=60)
+    assert r.status_code == 504
+    assert r.json()["reason"] == "deadline_exceeded"
+
+
+def test_an_error_after_the_first_byte_cuts_the_stream(
+    server: LiveServer, temp_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decode error mid-stream (injected after 3 frames: real damage is concealed) ends
+    the body without its final chunk, so the client knows it is incomplete."""
+    from service.video import decode
+    from service.video.errors import undecodable
+
+    items = decode.Decoder.items
+
+    def failing(self: decode.Decoder) -> Iterator[decode.Item]:
+        for item in items(self):
+            if isinstance(item, decode.Frame) and item.index == 3:
+                raise undecodable("the video stops decoding after 3 frames: injected")
+            yield item
+
+    monkeypatch.setattr(decode.Decoder, "items", failing)
+    aborted = metric(server, 'imdn_video_aborted_total{reason="undecodable_video"}')
+    data, _ = make_clip(frames=8, audio=None, vfr=False)
+    received = b""
+    with (
+        pytest.raises(httpx.RemoteProtocolError, match="incomplete"),
+        httpx.stream(
+            "POST", f"{server.url}{URL}?scale=2", content=data, headers=MP4, timeout=300
+        ) as r,
+    ):
+        assert r.status_code == 200
+        for chunk in r.iter_raw():
+            received += chunk
+    assert received[4:8] == b"ftyp"  # the first fragment had left
+    after = metric(server, 'imdn_video_aborted_total{reason="undecodable_video"}')
+    assert after == aborted + 1
+    wait_until(lambda: list(temp_dir.iterdir()) == [], 10, "the spooled upload removed")

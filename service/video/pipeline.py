@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from service.engine import DeadlineExceeded, Engine, UpscaleResult
+from service.engine import DeadlineExceeded, Engine, QueueFull, UpscaleResult
 from service.imaging import output_size
 from service.video.decode import AudioFrame, Decoder, Frame, Item, Packet
 from service.video.encode import Codec, Encoder, plan_streams
 from service.video.probe import VideoInfo
 
 T = TypeVar("T")
+RETRY_MIN_S, RETRY_MAX_S = 0.05, 1.0  # a frame's wait before it asks a full queue again
 
 
 @dataclass(frozen=True)
@@ -153,9 +154,7 @@ async def upscale_video(
                     if item is None:
                         break
                     if isinstance(item, Frame):
-                        work = asyncio.ensure_future(
-                            engine.upscale(item.pixels, job.scale, deadline=job.deadline)
-                        )
+                        work = asyncio.ensure_future(_upscale_frame(engine, job, item))
                         in_flight.add(work)
                         work.add_done_callback(in_flight.discard)
                         await queue.put((item, work))
@@ -213,6 +212,19 @@ async def upscale_video(
             yield pending + data
     finally:
         stop()  # no await here: a cancelled scope (the client left) would cancel it again
+
+
+async def _upscale_frame(engine: Engine, job: VideoJob, frame: Frame) -> UpscaleResult:
+    """One frame through the engine. A full queue makes a frame wait and try again (a
+    video yields to images rather than fail halfway); the video's deadline holds."""
+    while True:
+        left = job.deadline - time.perf_counter()
+        if left <= 0:
+            raise DeadlineExceeded("the video did not finish within its deadline")
+        try:
+            return await engine.upscale(frame.pixels, job.scale, deadline=job.deadline)
+        except QueueFull as exc:
+            await asyncio.sleep(min(max(exc.retry_after_s, RETRY_MIN_S), RETRY_MAX_S, left))
 
 
 def _close_in(pool: ThreadPoolExecutor, items: Any, closable: Decoder | Encoder | None) -> None:
