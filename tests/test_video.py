@@ -301,3 +301,80 @@ def test_an_error_after_the_first_byte_cuts_the_stream(
     after = metric(server, 'imdn_video_aborted_total{reason="undecodable_video"}')
     assert after == aborted + 1
     wait_until(lambda: list(temp_dir.iterdir()) == [], 10, "the spooled upload removed")
+
+
+# ------------------------------------------------------------------ imdn upscale
+
+
+def test_imdn_upscale_does_a_folder_of_images_and_videos_each_its_way(
+    weights_dir: Path,
+    tmp_path: Path,
+    clip: tuple[bytes, list[float]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.cli import main
+
+    monkeypatch.setenv("IMDN_WARMUP", "false")
+    monkeypatch.setenv("IMDN_DEVICE", "cpu")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "clip.mp4").write_bytes(clip[0])
+    Image.new("RGB", (20, 16), (200, 30, 30)).save(folder / "still.png")
+    out = tmp_path / "out"
+    args = ["upscale", str(folder), "--scale", "2", "-o", str(out)]
+    assert main([*args, "--weights-dir", str(weights_dir)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["clip_x2.mp4", "still_x2.png"]
+    data = (out / "clip_x2.mp4").read_bytes()
+    frames = decoded_frames(data)
+    assert [round(f.time, 4) for f in frames] == [round(t, 4) for t in clip[1]]
+    assert {(f.width, f.height) for f in frames} == {(64, 48)}
+    assert audio_packets(data) == audio_packets(clip[0])
+    with Image.open(out / "still_x2.png") as img:
+        assert img.size == (40, 32)
+
+
+def test_imdn_upscale_a_video_on_a_server(
+    server: LiveServer, tmp_path: Path, clip: tuple[bytes, list[float]]
+) -> None:
+    from service.cli import main
+
+    source = tmp_path / "clip.mp4"
+    source.write_bytes(clip[0])
+    target = tmp_path / "up.mp4"
+    assert (
+        main(["upscale", str(source), "--scale", "2", "-o", str(target), "--url", server.url]) == 0
+    )
+    frames = decoded_frames(target.read_bytes())
+    assert len(frames) == 12 and (frames[0].width, frames[0].height) == (64, 48)
+    # a refused video: a message, exit 1, no file
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video" * 20)
+    assert (
+        main(
+            [
+                "upscale",
+                str(bad),
+                "--scale",
+                "2",
+                "-o",
+                str(tmp_path / "b.mp4"),
+                "--url",
+                server.url,
+            ]
+        )
+        == 1
+    )
+    assert not (tmp_path / "b.mp4").exists() and not (tmp_path / "b.mp4.part").exists()
+
+
+def test_the_fragment_counter_counts_frames_as_bytes_arrive(
+    server: LiveServer, clip: tuple[bytes, list[float]]
+) -> None:
+    from service.video.cli import FragmentCounter
+
+    r = httpx.post(f"{server.url}{URL}?scale=2", content=clip[0], headers=MP4, timeout=300)
+    counter, seen = FragmentCounter(), []
+    for at in range(0, len(r.content), 97):  # pieces that split boxes anywhere
+        seen.append(counter.feed(r.content[at : at + 97]))
+    assert sum(seen) == counter.frames == 12
+    assert sum(1 for n in seen if n) >= 2  # progress came in steps, not at the end
