@@ -378,3 +378,62 @@ def test_the_fragment_counter_counts_frames_as_bytes_arrive(
         seen.append(counter.feed(r.content[at : at + 97]))
     assert sum(seen) == counter.frames == 12
     assert sum(1 for n in seen if n) >= 2  # progress came in steps, not at the end
+
+
+def test_an_image_beside_a_long_video_is_served_about_as_fast_as_alone(
+    server: LiveServer,
+) -> None:
+    """The video's frames are requests of their own in the batcher's turns: an image sent
+    while a video streams waits for a batch or so, not for the video."""
+    import threading
+
+    png = io.BytesIO()
+    Image.fromarray(np.asarray(Image.new("RGB", (24, 20), (10, 200, 90)))).save(png, "PNG")
+
+    timings: list[str] = []
+
+    def image_seconds() -> float:
+        t0 = time.perf_counter()
+        r = httpx.post(
+            f"{server.url}/v1/superres?scale=2",
+            content=png.getvalue(),
+            headers={"content-type": "image/png"},
+            timeout=120,
+        )
+        assert r.status_code == 200
+        timings.append(r.headers["server-timing"])
+        return time.perf_counter() - t0
+
+    alone = min(image_seconds() for _ in range(3))
+    data, _ = make_clip(frames=30, audio=None, vfr=False)
+    frames_done = metric(server, "imdn_video_frames_total")
+    done = threading.Event()
+
+    def watch_video() -> None:  # reads until the image is back, then leaves
+        with httpx.stream(
+            "POST", f"{server.url}{URL}?scale=2", content=data, headers=MP4, timeout=300
+        ) as r:
+            for _ in r.iter_raw():
+                if done.is_set():
+                    return
+
+    video = threading.Thread(target=watch_video)
+    video.start()
+    try:
+        wait_until(
+            lambda: (
+                metric(server, "imdn_video_frames_total") > frames_done
+                or metric(server, "imdn_batches_total") > 0
+            ),
+            60,
+            "the video's frames running",
+        )
+        beside = image_seconds()
+        video_frames_then = metric(server, "imdn_video_frames_total") - frames_done
+    finally:
+        done.set()
+        video.join(timeout=300)
+    # it did not wait for the video, and took about its own time plus one batch of the
+    # video's frames ahead of it (up to 2 s on this loaded shared CPU: a generous bound)
+    assert video_frames_then < 30
+    assert beside < 3 * alone + 3.0, (alone, beside, timings)
