@@ -71,6 +71,13 @@ for s in "${steps[@]}"; do
     step gpu_compile_test 120 python3 -m pytest -q -p no:cacheprovider -o addopts= \
       -k compile tests/test_gpu.py
     grep -E "compiled|passed|failed|Error" "$O/gpu_compile_test.txt" | tail -n 8 ;;
+  video)  # a video end to end (decode, engine, NVENC, mux) against the network alone, 1080p
+    # x2 with its frame bucket (needs PyAV: add `av` to the wheels downloaded into .gpu/extra)
+    n=60
+    [ ${#quick[@]} -eq 0 ] || n=4
+    step video 150 env IMDN_FRAME_BUCKETS="$frames" python3 -m bench.video \
+      --size "$(echo "$frames" | tr -d '[]"')" --scale 2 --frames "$n" --rounds 1
+    tail -n 3 "$O/video.txt" ;;
   server_overhead)  # the server's own CPU and GIL time per request on this host's cores
     step server_overhead 90 bash -c "python3 -m bench.server_overhead --clients 16 --gil \
       && python3 -m bench.server_overhead --frame --clients 16 --rounds 20 --gil"

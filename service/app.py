@@ -98,6 +98,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "X-IMDN-Crops",
                 "Retry-After",
                 "X-Request-ID",
+                "X-IMDN-Frames",  # videos (service/video/route.py)
+                "X-IMDN-Output-Size",
+                "X-IMDN-Codec",
+                "X-IMDN-Dropped-Streams",
             ],
             max_age=600,
         )

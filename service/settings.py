@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from models.networks.checkpoints import OFFICIAL_BASE_URL, REGISTRY
 from models.runtime.backend import BackendUnavailable, CompileMode, resolve_backend
+from service.video import ENCODERS
 
 ModelName = Literal["x2", "x3", "x4", "AS"]
 
@@ -292,6 +293,13 @@ class Settings(BaseSettings):
                 raise ValueError(f'frame bucket {frame!r} is not "HEIGHTxWIDTH" of sides >= 16')
             frames.append((int(sides[0]), int(sides[1])))
         return frames
+
+    @field_validator("video_encoder")
+    @classmethod
+    def _video_encoder_known(cls, v: str) -> str:
+        if v not in ("auto", "cpu", *ENCODERS):
+            raise ValueError(f"video_encoder {v!r} is not 'auto', 'cpu' or one of {ENCODERS}")
+        return v
 
     @field_validator("tile_padding")
     @classmethod

@@ -181,8 +181,16 @@ def _bad_file(kind: str, clip: bytes) -> bytes:
         return clip
     if kind == "truncated":
         return clip[: len(clip) // 2]
-    if kind == "big_frames":  # 48x32 = 1536 pixels; the server's limit is 1200
-        return make_clip(width=48, height=32, frames=2, audio=None)[0]
+    if kind == "big_frames":  # a tiny file of 2048x2048 frames; the server's limit is 1200 px
+        buf = io.BytesIO()
+        with av.open(buf, "w", format="mp4") as out:
+            stream = out.add_stream("libx264", rate=25, options={"preset": "ultrafast"})
+            stream.width = stream.height = 2048
+            black = av.VideoFrame.from_ndarray(np.zeros((2048, 2048, 3), np.uint8), format="rgb24")
+            for p in [*stream.encode(black.reformat(format="yuv420p")), *stream.encode()]:
+                out.mux(p)
+        assert len(buf.getvalue()) < 20_000
+        return buf.getvalue()
     if kind == "many_frames":  # 31 frames; the limit is 30
         return make_clip(width=16, height=16, frames=31, audio=None)[0]
     if kind == "audio_only":

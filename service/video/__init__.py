@@ -14,6 +14,9 @@ INSTALL_HINT = (
     "(pip install 'imdn-serve[video]', or pip install av) and restart"
 )
 
+ENCODERS = ("libx264", "libx265", "libsvtav1", "libvpx-vp9", "h264_nvenc", "hevc_nvenc")
+"""The encoders `IMDN_VIDEO_ENCODER` may name (service/video/encode.py's codecs use them)."""
+
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".webm", ".mkv"})
 """File name endings `imdn upscale` treats as videos."""
 
