@@ -27,6 +27,7 @@ import yaml
 from models.networks.checkpoints import REGISTRY
 from service.metrics import CudaCollector, Metrics
 from service.settings import NOT_SETTINGS, Settings
+from service.video.metrics import VideoMetrics
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -112,7 +113,8 @@ def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
 
 def test_dockerfile_installs_every_dependency_and_the_gpu_extra(tmp_path: Path) -> None:
     """The image's requirements come from pyproject.toml by the Dockerfile's own one-liner,
-    run here on the real file: every dependency, and NVML for the utilisation gauge."""
+    run here on the real file: every dependency, NVML for the utilisation gauge, and PyAV
+    for video."""
     snippet = re.search(
         r'RUN python3 -c "(import tomllib;[^"]+)" > /tmp/requirements.txt', DOCKERFILE.read_text()
     )
@@ -129,8 +131,10 @@ def test_dockerfile_installs_every_dependency_and_the_gpu_extra(tmp_path: Path) 
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    assert listed == project["dependencies"] + project["optional-dependencies"]["gpu"]
+    extras = project["optional-dependencies"]
+    assert listed == project["dependencies"] + extras["gpu"] + extras["video"]
     assert any(dep.startswith("nvidia-ml-py") for dep in listed)
+    assert any(dep.startswith("av") for dep in listed)  # PyAV: POST /v1/superres/video
 
 
 def test_dockerfile_builds_a_pinned_non_root_single_worker_gpu_image() -> None:
@@ -439,6 +443,9 @@ def exposed_metric_names() -> set[str]:
     m.count_error("queue_full")
     m.model_facts(REGISTRY["x4"].model)
     m.observe_image_forward("x4", 0.02)
+    video = VideoMetrics(m.registry)  # service/video/metrics.py, in the same registry
+    video.frames.labels(model="x4").inc()
+    video.aborted.labels(reason="deadline_exceeded").inc()
     body, _ = m.render()
     names = {
         line.split("{")[0].split()[0] for line in body.decode().splitlines() if line[:1] != "#"
