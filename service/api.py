@@ -300,22 +300,28 @@ router = APIRouter()
 """Every route of the API; `install` adds them to an app with the error handlers."""
 
 
-def install(app: FastAPI) -> None:
-    """Add the routes and the problem+json error handlers to `app`."""
+def install(app: FastAPI, *rooms: APIRouter) -> None:
+    """Add the routes and the problem+json error handlers to `app`, and the routes of
+    `rooms` (the HTTP side of other jobs, e.g. service/video/route.py) under them."""
     app.add_exception_handler(ProblemError, _problem_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_error)
     app.include_router(router)
+    for room in rooms:
+        app.include_router(room)
     # a bare app (listing the routes) has no settings: document the defaults
     settings = getattr(app.state, "settings", None) or Settings.model_construct()
-    app.openapi = lambda: _document(app, settings)  # type: ignore[method-assign]
+    routers = (router, *rooms)
+    app.openapi = lambda: _document(app, settings, routers)  # type: ignore[method-assign]
 
 
 BEARER_SCHEME = "bearerAuth"
 
 
-def _document(app: FastAPI, settings: Settings) -> dict[str, Any]:
+def _document(
+    app: FastAPI, settings: Settings, routers: tuple[APIRouter, ...] = (router,)
+) -> dict[str, Any]:
     """The app's OpenAPI document with what depends on `settings`: the scales this server
     answers, and, only with keys set, an HTTP bearer scheme on the routes that need a key
     (so that /docs offers its Authorize button and sends it). Built once, then cached in
@@ -337,7 +343,8 @@ def _document(app: FastAPI, settings: Settings) -> dict[str, Any]:
         guards.add(require_ops_key)
     protected = {
         (route.path, method.lower())
-        for route in router.routes
+        for room in routers
+        for route in room.routes
         if isinstance(route, APIRoute) and any(d.dependency in guards for d in route.dependencies)
         for method in route.methods or ()
     }

@@ -83,8 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.report = Report()
     app.state.decoder = decoder
-    api.install(app)
-    app.include_router(video_route.router)  # POST /v1/superres/video (service/video/)
+    api.install(app, video_route.router)  # POST /v1/superres/video (service/video/)
     webui.install(app, settings)
     if settings.cors_origins:  # no CORS headers at all unless origins are configured
         app.add_middleware(

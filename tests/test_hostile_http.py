@@ -309,6 +309,7 @@ def test_openapi_declares_bearer_auth_only_with_keys(
     }
     assert secured == {
         ("/v1/superres", "post"),
+        ("/v1/superres/video", "post"),
         ("/v1/models", "get"),
         ("/v1/report", "get"),
     }  # ops routes stay open unless IMDN_PROTECT_OPS_ROUTES

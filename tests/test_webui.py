@@ -24,7 +24,15 @@ from tests.live import LiveServer, live_server
 if TYPE_CHECKING:  # Playwright is optional: tests/browser.py skips without it
     from playwright.sync_api import Browser, Page
 
-API_PATHS = {"/healthz", "/readyz", "/metrics", "/v1/models", "/v1/report", "/v1/superres"}
+API_PATHS = {
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/v1/models",
+    "/v1/report",
+    "/v1/superres",
+    "/v1/superres/video",
+}
 
 
 @pytest.fixture(scope="module")
