@@ -30,7 +30,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 DOCS_ASSETS = Path(str(files("fastapi_offline") / "static"))
 DOCS_ASSET_URL = "/docs/assets"
 
-PAGE_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+PAGE_FILES = {"app.js": "text/javascript", "style.css": "text/css", "video.js": "text/javascript"}
 DOCS_FILES = {
     "swagger-ui-bundle.js": "text/javascript",
     "swagger-ui.css": "text/css",
@@ -42,6 +42,7 @@ DOCS_FILES = {
 # images it made from blob: URLs (the upload's preview and the result).
 PAGE_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "media-src blob:; "  # the video page plays its result from a blob: URL
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 # Swagger UI's page starts it with an inline script, and both UIs style inline; beyond
@@ -91,6 +92,10 @@ def _page_router() -> APIRouter:
     @router.api_route("/", methods=["GET", "HEAD"])
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html", headers=PAGE_HEADERS)
+
+    @router.api_route("/video", methods=["GET", "HEAD"])
+    async def video_page() -> FileResponse:  # service/static/video.html
+        return FileResponse(STATIC / "video.html", media_type="text/html", headers=PAGE_HEADERS)
 
     @router.get("/ui/config")
     async def config(request: Request) -> JSONResponse:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -445,3 +446,49 @@ def test_an_image_beside_a_long_video_is_served_about_as_fast_as_alone(
     # video's frames ahead of it (up to 2 s on this loaded shared CPU: a generous bound)
     assert video_frames_then < 30
     assert beside < 3 * alone + 3.0, (alone, beside, timings)
+
+
+# ------------------------------------------------------------------ the page
+
+
+def test_the_video_page_upscales_a_clip_and_plays_it(server: LiveServer, tmp_path: Path) -> None:
+    from tests.browser import chromium, guarded_page
+
+    data, _ = make_clip(frames=16, audio=None, vfr=False)  # 0.64 s: fragments every 0.5 s
+    source = tmp_path / "clip.mp4"
+    source.write_bytes(data)
+    with chromium() as browser, guarded_page(browser) as g:
+        page = g.page
+        page.goto(f"{server.url}/video")
+        page.locator("#server-info", has_text="models").wait_for()
+        page.set_input_files("#file", source)
+        assert page.input_value("#codec") == "h264"  # MP4, whose fragments give progress
+        page.evaluate(
+            """() => {
+              const text = document.getElementById("progress-text");
+              window.progressSeen = [];
+              new MutationObserver(() => window.progressSeen.push(text.textContent))
+                .observe(text, {childList: true, characterData: true, subtree: true});
+            }"""
+        )
+        page.click("#run")
+        page.wait_for_selector("#result:not([hidden])")
+        played = page.evaluate(
+            """() => new Promise((resolve) => {
+              const v = document.getElementById("player");
+              v.muted = true;
+              v.addEventListener("error", () => resolve(["error", v.error && v.error.code]));
+              v.addEventListener("timeupdate", () => {
+                if (v.currentTime > 0.3) resolve([v.videoWidth, v.videoHeight, v.currentTime]);
+              });
+              v.play();
+            })"""
+        )
+        seen = page.evaluate("window.progressSeen")
+        name = page.get_attribute("#download", "download")
+        assert not g.outside() and not g.refused
+    assert played[:2] == [64, 48], played  # decoded and played
+    assert name == "clip_x2.mp4"
+    # frames counted from the fragments as they arrived
+    counts = [int(m[1]) for t in seen if (m := re.match(r"(\d+) / 16 frames", t))]
+    assert len(counts) >= 2 and counts == sorted(counts) and counts[-1] == 16, seen
