@@ -19,6 +19,7 @@ from service.metrics import Metrics
 from service.report import Report
 from service.settings import Settings
 from service.video import route as video_route
+from service.video.metrics import VideoMetrics
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.report = Report()
     app.state.decoder = decoder
+    app.state.video_metrics = VideoMetrics(metrics.registry, settings.video_timeout_s)
     api.install(app, video_route.router)  # POST /v1/superres/video (service/video/)
     webui.install(app, settings)
     if settings.cors_origins:  # no CORS headers at all unless origins are configured

@@ -192,8 +192,19 @@ def test_every_dashboard_query_has_data_from_a_real_prometheus(
 
         x4.forward = failing
         prom.targets_up()
+        from tests.video_clips import make_clip  # PyAV: the `video` extra
+
+        clip, _ = make_clip(width=16, height=16, frames=4, audio=None, vfr=False)
         for _ in range(rounds):
             sent += pool.map(lambda r: send(client, r), crop_requests(lr))
+            # a tiny video too, so that the video row has data (not in imdn_requests_total)
+            video = client.post(
+                "/v1/superres/video",
+                params={"scale": 2},
+                content=clip,
+                headers={"Content-Type": "video/mp4"},
+            )
+            assert video.status_code == 200, video.text
             # every request of the round counted in a scrape before the next round
             prom.wait_for_value("sum(imdn_requests_total)", len(sent), timeout=20)
         at = time.time()

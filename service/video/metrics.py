@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from service.metrics import seconds_buckets
 
 STAGES = ("decode", "queue", "compute", "encode")
+ABORT_REASONS = ("deadline_exceeded", "undecodable_video", "internal_error")
+"""The usual causes of a cut stream, whose series exist from the start (others appear)."""
 VIDEO_OUTCOMES = ("ok", "refused", "aborted", "cancelled")
 
 
@@ -60,3 +62,5 @@ class VideoMetrics:
             self.videos.labels(outcome=outcome)
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
+        for reason in ABORT_REASONS:
+            self.aborted.labels(reason=reason)

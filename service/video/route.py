@@ -52,11 +52,8 @@ router = APIRouter()
 
 
 def video_metrics(request: Request) -> VideoMetrics:
-    """The app's video metrics, made on first use in the app's registry."""
-    state = request.app.state
-    if getattr(state, "video_metrics", None) is None:
-        state.video_metrics = VideoMetrics(state.metrics.registry, state.settings.video_timeout_s)
-    metrics: VideoMetrics = state.video_metrics
+    """The app's video metrics (`create_app` registers them beside the image ones)."""
+    metrics: VideoMetrics = request.app.state.video_metrics
     return metrics
 
 
