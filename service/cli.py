@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -32,6 +33,10 @@ from models.networks.imdn import build_model
 from models.networks.profile import mult_adds_per_output_pixel
 from service.planner import FIXED_SCALES
 from service.report import markdown_table
+from service.video.cli import is_video
+from service.video.cli import report as video_report
+from service.video.cli import upscale_local as upscale_video_here
+from service.video.cli import upscale_remote as upscale_video_remote
 
 if TYPE_CHECKING:
     from service.jobs import Job, OutputFormat, Plan
@@ -163,7 +168,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         if plan.done_before:
             print(_summary(0, 0, len(plan.skipped)), file=sys.stderr)  # all done before
             return 0
-        return _fail("no images found in the inputs")
+        return _fail("no images or videos found in the inputs")
     if args.url is not None:
         return _upscale_remote(args, plan, fmt)
     from service.engine import model_for_scale
@@ -200,8 +205,12 @@ async def _upscale_files(
     await engine.start()
     failures = 0
     try:
-        for job in tqdm(jobs, desc=f"x{scale:g}", unit="img", disable=len(jobs) < 2):
+        for job in tqdm(jobs, desc=f"x{scale:g}", unit="file", disable=len(jobs) < 2):
             path = job.source
+            if is_video(path):  # service/video/cli.py: the server's video pipeline, here
+                error = await upscale_video_here(engine, path, job.target, scale)
+                failures += not video_report(path, error, job.target)
+                continue
             try:
                 decoded = imaging.decode(
                     path.read_bytes(), None, max_pixels=settings.max_input_pixels
@@ -255,6 +264,24 @@ def _upscale_remote(args: argparse.Namespace, plan: Plan, fmt: OutputFormat) -> 
     url = args.url.rstrip("/")
     if not url.startswith(("http://", "https://")):
         return _fail(f"--url must start with http:// or https://, got {args.url!r}")
+    key = args.api_key or os.environ.get("IMDN_API_KEY") or None
+    videos = [j for j in plan.jobs if is_video(j.source)]  # one at a time, streamed
+    videos_done = sum(
+        video_report(
+            j.source,
+            upscale_video_remote(
+                url, j.source, j.target, args.scale, api_key=key, timeout_s=args.timeout
+            ),
+            j.target,
+        )
+        for j in videos
+    )
+    images = [j for j in plan.jobs if not is_video(j.source)]
+    if not images:
+        failed = len(videos) - videos_done
+        print(_summary(videos_done, failed, len(plan.skipped)), file=sys.stderr)
+        return 1 if failed else 0
+    plan = dataclasses.replace(plan, jobs=images)
     try:
         run = asyncio.run(
             upscale_remote(
@@ -263,7 +290,7 @@ def _upscale_remote(args: argparse.Namespace, plan: Plan, fmt: OutputFormat) -> 
                 args.scale,
                 fmt,
                 quality=args.quality,
-                api_key=args.api_key or os.environ.get("IMDN_API_KEY") or None,
+                api_key=key,
                 concurrency=args.concurrency,
                 retries=args.retries,
                 timeout_s=args.timeout,
@@ -276,12 +303,13 @@ def _upscale_remote(args: argparse.Namespace, plan: Plan, fmt: OutputFormat) -> 
     unsent = sum(not o.sent for o in outcomes)
     retried = sum(o.retries for o in outcomes)
     extra = f", {retried} retries" + (f", {unsent} not sent" if unsent else "")
-    print(_summary(done, len(outcomes) - done, len(plan.skipped), extra), file=sys.stderr)
+    failed = len(outcomes) - done + len(videos) - videos_done
+    print(_summary(done + videos_done, failed, len(plan.skipped), extra), file=sys.stderr)
     if run.stopped is not None and not run.server_gone:  # the request itself is refused
         return _fail(f"the server refuses this run: {run.stopped}")
     if run.stopped is not None:
         _fail(f"stopped: {run.stopped} at {url}", 1)
-    return 1 if done < len(outcomes) else 0
+    return 1 if failed else 0
 
 
 # eval, profile, fetch-weights

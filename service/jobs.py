@@ -3,7 +3,8 @@
 Shared by the local run (`service/cli.py`) and the client of a server (`service/client.py`),
 so that both name, skip and write files alike:
 
-- A folder gives the files in it with an image suffix (`IMAGE_SUFFIXES`); anything else
+- A folder gives the files in it with an image or video suffix (`IMAGE_SUFFIXES`,
+  `VIDEO_SUFFIXES`: a video's result is `<stem>_x<scale>.mp4`, service/video/cli.py); anything else
   in it is reported as skipped, never silently left out. Sub-folders are walked with
   `recursive`, their results going to the same sub-folders under the output folder (the
   output folder itself is not walked when it lies inside an input folder).
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.quality.evaluate import IMAGE_SUFFIXES
+from service.video import VIDEO_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ FORMATS = {
     )
 }
 _SUFFIX_FORMATS = {".png": "png", ".webp": "webp", ".jpg": "jpeg", ".jpeg": "jpeg"}
+VIDEO_OUTPUTS = (".mp4", ".webm")  # what `-o` may name for one video (H.264 MP4, VP9 WebM)
 
 
 class PlanError(ValueError):
@@ -74,6 +77,8 @@ def names_a_file(output: Path) -> bool:
 def output_format(name: str | None, output: Path) -> OutputFormat:
     """`--format`, or the suffix of `-o` when it names one file, else PNG."""
     single = names_a_file(output)
+    if single and output.suffix.lower() in VIDEO_OUTPUTS:  # one video: its container
+        return FORMATS[name or "png"]
     named = _SUFFIX_FORMATS.get(output.suffix.lower()) if single and output.suffix else None
     if single and output.suffix and named is None:
         raise PlanError(
@@ -132,10 +137,10 @@ def _walk(
                 found += _walk(entry, relative / entry.name, output, recursive, skipped)
             else:
                 skipped.append((entry, "a folder (--recursive walks into folders)"))
-        elif entry.suffix.lower() in IMAGE_SUFFIXES:
+        elif entry.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
             found.append((entry, relative))
         else:
-            skipped.append((entry, "not an image (by its suffix)"))
+            skipped.append((entry, "not an image or a video (by its suffix)"))
     return found
 
 
@@ -144,11 +149,15 @@ def _names(
 ) -> list[Path]:
     """`<stem>_x<scale><suffix>`; the whole input name instead of its stem for the inputs
     whose results would otherwise share one name in one folder."""
-    tail = f"_x{scale:g}{fmt.suffix}"
-    short = [output / rel / f"{src.stem}{tail}" for src, rel in found]
+
+    def tail(src: Path) -> str:
+        video = src.suffix.lower() in VIDEO_SUFFIXES
+        return f"_x{scale:g}{'.mp4' if video else fmt.suffix}"
+
+    short = [output / rel / f"{src.stem}{tail(src)}" for src, rel in found]
     counts = _count(short)
     names = [
-        output / rel / f"{src.name}{tail}" if counts[_key(name)] > 1 else name
+        output / rel / f"{src.name}{tail(src)}" if counts[_key(name)] > 1 else name
         for (src, rel), name in zip(found, short, strict=True)
     ]
     counts = _count(names)

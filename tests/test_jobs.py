@@ -90,4 +90,4 @@ def test_a_folder_without_images_is_an_error_not_a_quiet_success(
     assert main(["upscale", str(tmp_path), "--scale", "2", "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'notes.txt'}: skipped: not an image" in err
-    assert "imdn: error: no images found in the inputs" in err
+    assert "imdn: error: no images or videos found in the inputs" in err

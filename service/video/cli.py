@@ -16,18 +16,13 @@ import httpx
 from tqdm import tqdm
 
 from service import video
+from service.jobs import PartFile
 
-OUTPUT_SUFFIX = {"vp9": ".webm"}
 VIDEO_TRACK = 1  # the encoder adds the video stream first
 
 
 def is_video(path: Path) -> bool:
     return path.suffix.lower() in video.VIDEO_SUFFIXES
-
-
-def target_for(out: Path, path: Path, scale: float, codec: str = "h264") -> Path:
-    """`out` itself when it names a file, else `<stem>_x<scale>.mp4` (.webm for vp9) in it."""
-    return out if out.suffix else out / f"{path.stem}_x{scale:g}{OUTPUT_SUFFIX.get(codec, '.mp4')}"
 
 
 def _bar(total: int, name: str) -> tqdm:
@@ -52,7 +47,6 @@ async def upscale_local(engine: object, path: Path, target: Path, scale: float) 
         s.video_max_frames,
         s.video_max_duration_s,
     )
-    partial = target.with_name(target.name + ".part")
     try:
         info = probe(path, limits, scale)
         codec = CODECS["vp9" if target.suffix.lower() == ".webm" else "h264"]
@@ -67,8 +61,11 @@ async def upscale_local(engine: object, path: Path, target: Path, scale: float) 
             threads=s.video_codec_threads,
             deadline=time.perf_counter() + s.video_timeout_s,
         )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with _bar(info.frames, path.name) as bar, partial.open("wb") as out:
+        with (
+            PartFile(target) as part,
+            _bar(info.frames, path.name) as bar,
+            part.path.open("wb") as out,
+        ):
             stats = VideoStats()
             done = 0
 
@@ -79,13 +76,10 @@ async def upscale_local(engine: object, path: Path, target: Path, scale: float) 
 
             async for chunk in upscale_video(engine, job, stats, progress):
                 out.write(chunk)
-        partial.replace(target)
-    except (VideoError, EngineError) as exc:
-        partial.unlink(missing_ok=True)
+            out.close()
+            part.commit()
+    except (VideoError, EngineError) as exc:  # the part file is gone with its block
         return getattr(exc, "detail", None) or str(exc)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
     return None
 
 
@@ -98,18 +92,18 @@ def upscale_remote(
     api_key: str | None,
     timeout_s: float,
 ) -> str | None:
-    """Send one video to the server at `url` and stream the answer into `target`; an
-    error message, or None. A stream cut short leaves no file."""
+    """Send one video to the server at `url` and stream the answer into `target` (VP9 WebM
+    when it ends in .webm, else H.264 MP4); an error message, or None. A stream cut
+    short leaves no file."""
     headers = {"content-type": _content_type(path)}
     if api_key:
         headers["authorization"] = f"Bearer {api_key}"
     params: dict[str, str | float] = {"scale": scale}
     if target.suffix.lower() == ".webm":
         params["codec"] = "vp9"
-    partial = target.with_name(target.name + ".part")
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
         with (
+            PartFile(target) as part,
             path.open("rb") as body,
             httpx.stream(
                 "POST",
@@ -125,13 +119,12 @@ def upscale_remote(
                 return _problem(r)
             counter = FragmentCounter()
             total = int(r.headers.get("x-imdn-frames", 0))
-            with _bar(total, path.name) as bar, partial.open("wb") as out:
+            with _bar(total, path.name) as bar, part.path.open("wb") as out:
                 for chunk in r.iter_raw():
                     out.write(chunk)
                     bar.update(counter.feed(chunk))
-        partial.replace(target)
-    except httpx.HTTPError as exc:
-        partial.unlink(missing_ok=True)
+            part.commit()
+    except httpx.HTTPError as exc:  # the part file is gone with its block
         return f"the transfer failed ({type(exc).__name__}: {exc}); no file was written"
     return None
 
