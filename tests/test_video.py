@@ -10,6 +10,7 @@ import math
 import re
 import time
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import httpx
@@ -57,7 +58,7 @@ def server(weights_dir: Path, temp_dir: Path) -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="module")
 def clip() -> tuple[bytes, list[float]]:
-    return make_clip(rotation=90)
+    return make_clip(rotation=90, sample_aspect_ratio=Fraction(4, 3))
 
 
 def metric(srv: LiveServer, name: str) -> float:
@@ -89,6 +90,8 @@ def test_video_round_trip_keeps_frames_timestamps_audio_and_metadata(
     assert {(f.width, f.height) for f in out} == {(64, 48)}
     assert {f.rotation for f in out} == {90}
     assert (out[0].color_primaries, out[0].colorspace) == (1, 1)
+    with av.open(io.BytesIO(r.content)) as c:
+        assert c.streams.video[0].sample_aspect_ratio == Fraction(4, 3)
     assert audio_packets(r.content) == audio_packets(data) != []  # copied byte for byte
     with av.open(io.BytesIO(r.content)) as c:
         assert "frag_" not in c.format.name and c.format.name.startswith("mov")

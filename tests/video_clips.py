@@ -32,6 +32,7 @@ def make_clip(
     container: str = "mp4",
     codec: str = "libx264",
     pix_fmt: str = "yuv420p",
+    sample_aspect_ratio: Fraction | None = None,
 ) -> tuple[bytes, list[float]]:
     """(file bytes, each frame's time in seconds). VFR: every third gap is 100 ms, the
     others 40 ms. The audio is a 440 Hz tone as long as the video."""
@@ -44,6 +45,8 @@ def make_clip(
     vs.codec_context.max_b_frames = 0
     vs.codec_context.color_primaries = vs.codec_context.color_trc = 1
     vs.codec_context.colorspace = 1
+    if sample_aspect_ratio is not None:
+        vs.codec_context.sample_aspect_ratio = sample_aspect_ratio
     if rotation:
         vs.set_display_rotation(rotation)
     aus = out.add_stream(audio, rate=48000) if audio else None
