@@ -495,3 +495,23 @@ def test_the_video_page_upscales_a_clip_and_plays_it(server: LiveServer, tmp_pat
     # frames counted from the fragments as they arrived
     counts = [int(m[1]) for t in seen if (m := re.match(r"(\d+) / 16 frames", t))]
     assert len(counts) >= 2 and counts == sorted(counts) and counts[-1] == 16, seen
+
+
+def test_imdn_upscale_without_pyav_says_what_to_install(
+    weights_dir: Path,
+    tmp_path: Path,
+    clip: tuple[bytes, list[float]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import service.video
+    from service.cli import main
+
+    monkeypatch.setattr(service.video, "available", lambda: False)
+    monkeypatch.setenv("IMDN_WARMUP", "false")
+    source = tmp_path / "clip.mp4"
+    source.write_bytes(clip[0])
+    args = ["upscale", str(source), "--scale", "2", "-o", str(tmp_path / "out.mp4")]
+    assert main([*args, "--weights-dir", str(weights_dir)]) == 1
+    assert "pip install 'imdn-serve[video]'" in capsys.readouterr().err
+    assert not (tmp_path / "out.mp4").exists() and not list(tmp_path.glob("*.part"))

@@ -10,8 +10,8 @@ from __future__ import annotations
 import importlib.util
 
 INSTALL_HINT = (
-    "video needs PyAV, which this server does not have: install the 'video' extra "
-    "(pip install 'imdn-serve[video]', or pip install av) and restart"
+    "video needs PyAV (FFmpeg's libraries), which is not installed here: install the "
+    "'video' extra (pip install 'imdn-serve[video]', or pip install av)"
 )
 
 ENCODERS = ("libx264", "libx265", "libsvtav1", "libvpx-vp9", "h264_nvenc", "hevc_nvenc")

@@ -31,6 +31,8 @@ def _bar(total: int, name: str) -> tqdm:
 
 async def upscale_local(engine: object, path: Path, target: Path, scale: float) -> str | None:
     """Upscale one video file with `engine` into `target`; an error message, or None."""
+    if not video.available():
+        return video.INSTALL_HINT
     from service.engine import Engine, EngineError
     from service.video.encode import CODECS, choose_encoder
     from service.video.errors import VideoError
@@ -38,8 +40,6 @@ async def upscale_local(engine: object, path: Path, target: Path, scale: float) 
     from service.video.probe import VideoLimits, probe
 
     assert isinstance(engine, Engine)
-    if not video.available():
-        return video.INSTALL_HINT
     s = engine.settings
     limits = VideoLimits(
         s.video_max_input_pixels,

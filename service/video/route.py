@@ -118,7 +118,9 @@ async def superres_video(
     arrived = time.perf_counter()
     if not video.available():
         metrics.videos.labels(outcome="refused").inc()
-        raise ProblemError(501, "video_unavailable", video.INSTALL_HINT)
+        raise ProblemError(
+            501, "video_unavailable", f"{video.INSTALL_HINT}, then restart the server"
+        )
     from service.video.encode import CODECS, choose_encoder
     from service.video.pipeline import VideoJob, VideoStats, upscale_video
     from service.video.probe import VideoLimits, probe
