@@ -515,3 +515,39 @@ def test_imdn_upscale_without_pyav_says_what_to_install(
     assert main([*args, "--weights-dir", str(weights_dir)]) == 1
     assert "pip install 'imdn-serve[video]'" in capsys.readouterr().err
     assert not (tmp_path / "out.mp4").exists() and not list(tmp_path.glob("*.part"))
+
+
+def test_frames_that_find_the_queue_full_wait_their_turn(
+    weights_dir: Path,
+    temp_dir: Path,
+    clip: tuple[bytes, list[float]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A queue of one crop and four frames in flight: three of them are refused by the
+    batcher each time (429 for an image) and try again; the video still comes back whole."""
+    settings = Settings(
+        weights_dir=weights_dir,
+        models=["x2"],
+        warmup=False,
+        max_queue_crops=1,
+        video_frames_in_flight=4,
+        video_temp_dir=temp_dir,
+    )
+    from service.batcher import Batcher
+    from service.errors import QueueFull
+
+    admit, refused = Batcher.admit, []
+
+    def counting(self: Batcher, *args: object) -> None:
+        try:
+            admit(self, *args)  # type: ignore[arg-type]
+        except QueueFull:
+            refused.append(args)
+            raise
+
+    monkeypatch.setattr(Batcher, "admit", counting)
+    with live_server(settings) as srv:
+        r = httpx.post(f"{srv.url}{URL}?scale=2", content=clip[0], headers=MP4, timeout=300)
+    assert r.status_code == 200, r.text
+    assert refused  # the queue was full for some frames, which came back all the same
+    assert [round(f.time, 4) for f in decoded_frames(r.content)] == [round(t, 4) for t in clip[1]]
