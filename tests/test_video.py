@@ -231,24 +231,36 @@ def test_without_pyav_the_route_says_what_to_install(
 def test_a_client_that_leaves_stops_the_work_and_leaves_no_file(
     server: LiveServer, temp_dir: Path
 ) -> None:
-    data, _ = make_clip(frames=30, audio=None, vfr=False)
+    data, _ = make_clip(frames=30, audio=None)  # 1.8 s (VFR), the server's frame limit
     cancelled = metric(server, 'imdn_video_requests_total{outcome="cancelled"}')
+    frames = metric(server, "imdn_video_frames_total")
     with httpx.stream(
         "POST", f"{server.url}{URL}?scale=2", content=data, headers=MP4, timeout=300
     ) as r:
         assert r.status_code == 200
         assert r.headers["x-imdn-frames"] == "30"
-        next(r.iter_raw())  # the first fragment; then the client goes
+        next(r.iter_raw())  # the first fragment (half a second: 9 frames); then it goes
+    left_at = metric(server, "imdn_batches_total")
     wait_until(
         lambda: metric(server, 'imdn_video_requests_total{outcome="cancelled"}') > cancelled,
         30,
         "the video counted as cancelled",
     )
     wait_until(lambda: list(temp_dir.iterdir()) == [], 10, "the spooled upload removed")
-    time.sleep(1.0)  # a batch already on the device may finish; nothing after it
+    # a batch already on the device may finish (slowly, on a loaded machine): once the
+    # count has held for 1.5 s, nothing more runs
     batches = metric(server, "imdn_batches_total")
+    deadline = time.monotonic() + 30
+    while True:
+        time.sleep(1.5)
+        now = metric(server, "imdn_batches_total")
+        if now == batches or time.monotonic() > deadline:
+            break
+        batches = now
     time.sleep(2.0)
     assert metric(server, "imdn_batches_total") == batches
+    assert batches - left_at <= 2  # the batch on the device, and one that had been taken
+    assert metric(server, "imdn_video_frames_total") - frames < 30  # it never finished
 
 
 def test_corrupt_frames_in_the_middle_are_concealed_not_fatal(server: LiveServer) -> None:
@@ -283,8 +295,9 @@ def test_a_deadline_before_the_first_byte_is_a_problem(
 def test_an_error_after_the_first_byte_cuts_the_stream(
     server: LiveServer, temp_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A decode error mid-stream (injected after 3 frames: real damage is concealed) ends
-    the body without its final chunk, so the client knows it is incomplete."""
+    """A decode error mid-stream (injected at frame 20, after the first fragment of 13
+    frames has left: real damage is concealed) ends the body without its final chunk, so
+    the client knows it is incomplete."""
     from service.video import decode
     from service.video.errors import undecodable
 
@@ -292,13 +305,13 @@ def test_an_error_after_the_first_byte_cuts_the_stream(
 
     def failing(self: decode.Decoder) -> Iterator[decode.Item]:
         for item in items(self):
-            if isinstance(item, decode.Frame) and item.index == 3:
-                raise undecodable("the video stops decoding after 3 frames: injected")
+            if isinstance(item, decode.Frame) and item.index == 20:
+                raise undecodable("the video stops decoding after 20 frames: injected")
             yield item
 
     monkeypatch.setattr(decode.Decoder, "items", failing)
     aborted = metric(server, 'imdn_video_aborted_total{reason="undecodable_video"}')
-    data, _ = make_clip(frames=8, audio=None, vfr=False)
+    data, _ = make_clip(frames=30, audio=None, vfr=False)
     received = b""
     with (
         pytest.raises(httpx.RemoteProtocolError, match="incomplete"),
@@ -551,3 +564,21 @@ def test_frames_that_find_the_queue_full_wait_their_turn(
     assert r.status_code == 200, r.text
     assert refused  # the queue was full for some frames, which came back all the same
     assert [round(f.time, 4) for f in decoded_frames(r.content)] == [round(t, 4) for t in clip[1]]
+
+
+def test_a_late_start_and_b_frames_keep_every_timestamp(server: LiveServer) -> None:
+    """A MOV whose first frame is at 0.233 s, coded with B-frames: the first timestamp
+    stays where it was (the fragmented MP4's edit list says so), as do the others."""
+    data, times = make_clip(container="mov", start_ms=233, b_frames=2, frames=10)
+    assert times[0] == 0.233
+    r = httpx.post(
+        f"{server.url}{URL}?scale=2",
+        content=data,
+        headers={"content-type": "video/quicktime"},
+        timeout=300,
+    )
+    assert r.status_code == 200, r.text
+    out = decoded_frames(r.content)
+    assert [round(f.time, 4) for f in out] == [round(f.time, 4) for f in decoded_frames(data)]
+    assert [round(f.time, 4) for f in out] == [round(t, 4) for t in times]
+    assert audio_packets(r.content) == audio_packets(data) != []

@@ -33,16 +33,19 @@ def make_clip(
     codec: str = "libx264",
     pix_fmt: str = "yuv420p",
     sample_aspect_ratio: Fraction | None = None,
+    start_ms: int = 0,
+    b_frames: int = 0,
 ) -> tuple[bytes, list[float]]:
     """(file bytes, each frame's time in seconds). VFR: every third gap is 100 ms, the
-    others 40 ms. The audio is a 440 Hz tone as long as the video."""
+    others 40 ms; the first frame at `start_ms`. The audio is a 440 Hz tone as long as
+    the video."""
     buf = io.BytesIO()
     out = av.open(buf, "w", format=container)
     vs = out.add_stream(codec, rate=25)
     vs.width, vs.height, vs.pix_fmt = width, height, pix_fmt
     vs.time_base = TIME_BASE
     vs.codec_context.time_base = TIME_BASE
-    vs.codec_context.max_b_frames = 0
+    vs.codec_context.max_b_frames = b_frames
     vs.codec_context.color_primaries = vs.codec_context.color_trc = 1
     vs.codec_context.colorspace = 1
     if sample_aspect_ratio is not None:
@@ -52,7 +55,7 @@ def make_clip(
     aus = out.add_stream(audio, rate=48000) if audio else None
     if aus is not None:
         aus.layout = "mono"
-    times, pts = [], 0
+    times, pts = [], start_ms
     for i in range(frames):
         f = av.VideoFrame.from_ndarray(frame_pixels(i, height, width), format="rgb24")
         f.pts, f.time_base = pts, TIME_BASE
@@ -63,13 +66,14 @@ def make_clip(
     for p in vs.encode():
         out.mux(p)
     if aus is not None:
-        samples = pts * 48
+        samples = (pts - start_ms) * 48
         for start in range(0, samples, 960):
             k = min(960, samples - start)
             t = np.arange(start, start + k) / 48000
             tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
             af = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
-            af.sample_rate, af.pts, af.time_base = 48000, start, Fraction(1, 48000)
+            af.sample_rate, af.time_base = 48000, Fraction(1, 48000)
+            af.pts = start + start_ms * 48
             for p in aus.encode(af):
                 out.mux(p)
         for p in aus.encode():

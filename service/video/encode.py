@@ -2,8 +2,9 @@
 or a WebM (VP9), written piece by piece into memory for the HTTP body.
 
 What the upload carries is kept: every frame's timestamp (the encoder gets the input's
-time base and each frame's pts; B-frames are off, so that no decoding delay shifts the
-first timestamp in a fragmented file, which has no edit list to undo it; x264 and x265
+time base and each frame's pts; the `moov` waits for the first fragment (`delay_moov`),
+so that its edit list can say where the first frame starts, e.g. 0.233 s: with an empty
+`moov` written up front, a fragmented file starts at 0; B-frames are off and x264/x265
 run without lookahead, so that a frame's packet leaves as it is encoded), the rotation
 (display matrix), the sample aspect ratio, and the colour primaries, transfer, matrix
 and range (tags and conversion alike); 10-bit where the codec has it. Audio and subtitle
@@ -30,7 +31,7 @@ import numpy as np
 from service.video.errors import unprocessable
 from service.video.probe import VideoInfo
 
-MP4_FLAGS = "frag_keyframe+empty_moov+default_base_moof+negative_cts_offsets"
+MP4_FLAGS = "frag_keyframe+delay_moov+default_base_moof+negative_cts_offsets"
 FRAGMENT_US = 500_000  # a fragment leaves at least every half second of video
 
 
