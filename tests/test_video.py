@@ -551,9 +551,9 @@ def test_frames_that_find_the_queue_full_wait_their_turn(
 
     admit, refused = Batcher.admit, []
 
-    def counting(self: Batcher, *args: object) -> None:
+    def counting(self: Batcher, *args: object, **kwargs: object) -> object:
         try:
-            admit(self, *args)  # type: ignore[arg-type]
+            return admit(self, *args, **kwargs)  # type: ignore[arg-type]
         except QueueFull:
             refused.append(args)
             raise
