@@ -38,7 +38,11 @@ API_PATHS = {
 @pytest.fixture(scope="module")
 def server(weights_dir: Path) -> Iterator[LiveServer]:
     """One small model keeps each browser run to a second or two on the CPU."""
-    settings = Settings(weights_dir=weights_dir, models=["x3"], warmup=False)
+    # batches bounded by crops alone, so that two requests for one image run as the same
+    # batches and answer the same bytes (CPU kernels round differently per batch size)
+    settings = Settings(
+        weights_dir=weights_dir, models=["x3"], warmup=False, max_batch_seconds=3600
+    )
     with live_server(settings) as srv:
         yield srv
 
