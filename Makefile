@@ -16,7 +16,7 @@ BIN := $(VENV)/bin
 
 $(BIN)/imdn: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet $(if $(TORCH_INDEX),--extra-index-url "$(TORCH_INDEX)") "$(TORCH)" -e ".[dev,video]"
+	$(BIN)/pip install --quiet $(if $(TORCH_INDEX),--extra-index-url "$(TORCH_INDEX)") "$(TORCH)" -e ".[dev,video,openvino]"
 	touch $@
 
 setup: $(BIN)/imdn

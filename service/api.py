@@ -439,8 +439,19 @@ async def metrics_route(request: Request, metrics: MetricsDep) -> Response:
 
 @router.get("/v1/models", tags=["models"], dependencies=Authorized, responses=UNAUTHORIZED)
 async def list_models(engine: EngineDep) -> dict[str, list[dict[str, Any]]]:
-    """The loaded models: scale, parameters, depth, device and precision."""
-    return {"models": [m.descriptor.as_json() for m in engine.models.values()]}
+    """The loaded models: scale, parameters, depth, device, precision, the backend that
+    runs them, and the largest batch warm-up found worth forming per crop shape measured
+    ("HxW": crops; empty when nothing was measured: batches up to IMDN_MAX_BATCH_SIZE)."""
+    return {
+        "models": [
+            {
+                **m.descriptor.as_json(),
+                "backend": m.backend,
+                "max_batch": {f"{h}x{w}": n for (h, w), n in sorted(m.batch_limits.items())},
+            }
+            for m in engine.models.values()
+        ]
+    }
 
 
 @router.get(

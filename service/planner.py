@@ -109,6 +109,24 @@ def batch_split(n: int, seconds: Mapping[int, float]) -> list[int]:
     return sorted(best[n][2], reverse=True)
 
 
+def batch_limit(seconds: Mapping[int, float]) -> int:
+    """The largest timed batch size worth forming: the smallest is always; each larger one
+    while its time per crop is no more than every smaller size's (the timings are of one
+    crop shape, so per crop is per pixel). A size that batches slower stops the growth:
+    the CPU's PyTorch batches, ~2x slower per crop than one at a time, choose 1; a GPU's,
+    faster per crop up to the largest size, choose it."""
+    if not seconds:
+        raise ValueError("batch_limit needs some timed batch sizes")
+    sizes = sorted(seconds)
+    limit, best = sizes[0], seconds[sizes[0]] / sizes[0]
+    for size in sizes[1:]:
+        per_crop = seconds[size] / size
+        if per_crop > best:
+            break
+        limit, best = size, per_crop
+    return limit
+
+
 def _line_fit(seconds: Mapping[int, float]) -> tuple[float, float]:
     """(intercept, slope) of seconds against batch size by least squares, neither below
     zero; a single timing is all slope."""

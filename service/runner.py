@@ -17,9 +17,11 @@ batch do not grow with the requests in it; only a tiled request adds one paste p
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -40,7 +42,13 @@ from service import pixels
 from service.batcher import BatchOutcome, Key, Slice
 from service.errors import DeviceOutOfMemory
 from service.metrics import Metrics, peak_memory_bytes, reset_peak_memory
-from service.planner import Planner, batch_split, padded_batch
+from service.planner import (
+    Planner,
+    batch_limit,
+    batch_split,
+    padded_batch,
+    padded_batch_sizes,
+)
 from service.settings import ModelName, Settings
 
 if TYPE_CHECKING:
@@ -49,6 +57,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MEGACACHE_FILE = "imdn-megacache.bin"
+# without shape buckets, the crop side (at the network's inner resolution) at which warm-up
+# times each batch size, and how many times (the least time counts: a busy host only adds)
+MEASURE_SIDE = 96
+MEASURE_ROUNDS = 3
 
 
 @dataclass
@@ -67,6 +79,8 @@ class LoadedModel:
     frame_shapes: frozenset[tuple[int, int]] = frozenset()  # (h, w) run at batch size 1
     warm_shapes: set[tuple[int, ...]] = field(default_factory=set)  # masked, warmed
     warm_full: set[tuple[int, ...]] = field(default_factory=set)  # plain, warmed
+    # (h, w): the largest batch worth forming, as warm-up measured (`choose_batch_limits`)
+    batch_limits: dict[tuple[int, int], int] = field(default_factory=dict)
     load_seconds: float = 0.0
     warmup_seconds: float = 0.0
 
@@ -161,6 +175,7 @@ class DeviceRunner:
             self.dtype,
             in_place=True,
             compile_mode=self.settings.compile_mode,
+            cache_dir=self.settings.backend_cache_dir,
         )
         masked = masked_eager = None
         multiple = descriptor.size_multiple
@@ -189,6 +204,8 @@ class DeviceRunner:
         if self.settings.warmup:
             started = time.perf_counter()
             self._warm(loaded)
+            if self.settings.batch_limit == "measured":
+                self.choose_batch_limits(loaded)
             loaded.warmup_seconds = time.perf_counter() - started
         self.models[name] = loaded
         return loaded
@@ -251,6 +268,63 @@ class DeviceRunner:
             self.batch_seconds.setdefault((name, h, w), {})[batch] = seconds
         if model.backend == "compile":
             self._save_compile_cache()
+
+    def choose_batch_limits(self, model: LoadedModel) -> None:
+        """Time the batch sizes the batcher may form and keep, per crop shape, the largest
+        worth forming (`planner.batch_limit` of the time per crop by batch size). With
+        buckets the warm-up timed every (shape, batch size) already. Without, crops of
+        MEASURE_SIDE (inner) run at 1, 2, 4, ... up to `max_batch_size`: each size is
+        timed beside the size below it, MEASURE_ROUNDS pairs, and the median of their
+        ratios of time per crop counts (a busy host slows both of a pair alike); the
+        growth stops at the first size slower per crop than a smaller one."""
+        name = model.descriptor.name
+        relative: dict[int, float] = {}  # without buckets: see below
+        if self.planner.buckets:
+            for (owner, h, w), seconds in self.batch_seconds.items():
+                if owner == name and (h, w) not in model.frame_shapes:
+                    model.batch_limits[h, w] = batch_limit(seconds)
+        else:
+            multiple = model.descriptor.size_multiple
+            side = min(MEASURE_SIDE, math.isqrt(self.settings.tile_max_pixels)) // 4 * 4
+            side *= multiple
+            sizes = padded_batch_sizes(self.settings.max_batch_size)
+            # a batch's time relative to one batch of the smallest size
+            relative[sizes[0]] = 1.0
+            seconds = self.batch_seconds.setdefault((name, side, side), {})
+            for smaller, size in itertools.pairwise(sizes):
+                ratios = []  # time per crop at `size` over that at `smaller`
+                for round_ in range(MEASURE_ROUNDS + 1):  # the first pair untimed
+                    small = self._time_batch(model, (smaller, 3, side, side))
+                    large = self._time_batch(model, (size, 3, side, side))
+                    if round_:
+                        ratios.append(large / size / (small / smaller))
+                        seconds[smaller] = min(small, seconds.get(smaller, small))
+                        seconds[size] = min(large, seconds.get(size, large))
+                relative[size] = relative[smaller] / smaller * size * statistics.median(ratios)
+                if batch_limit(relative) < size:
+                    break
+            model.batch_limits[side, side] = batch_limit(relative)
+        for (h, w), limit in sorted(model.batch_limits.items()):
+            timed = relative or self.batch_seconds[name, h, w]
+            one = timed[min(timed)] / min(timed)
+            log.info(
+                "model %s: batches of at most %d crops of %dx%d (time per crop by batch "
+                "size, relative to the smallest: %s)",
+                name,
+                limit,
+                h,
+                w,
+                ", ".join(f"{b}: {t / b / one:.2f}" for b, t in sorted(timed.items())),
+            )
+
+    def _time_batch(self, model: LoadedModel, shape: tuple[int, int, int, int]) -> float:
+        """Seconds of one forward of random crops of `shape`."""
+        crops = torch.rand(shape, device=self.device)
+        valid = torch.tensor([list(shape[2:])] * shape[0], device=self.device)
+        started = time.perf_counter()
+        self._forward(model, crops, valid, full=False)
+        self._synchronise()
+        return time.perf_counter() - started
 
     def warm_timings(self, name: str) -> list[tuple[int, int, int, float]]:
         """(batch, h, w, seconds) of each batch of model `name` the warm-up timed."""
@@ -338,12 +412,20 @@ class DeviceRunner:
     def batch_limit(self, key: Key) -> int:
         """The most crops of `key` one batch should hold (the batcher's limit): a frame
         fills the device and only batch size 1 is warmed, so frames run one to a batch
-        (several would hold each request until the others' frames are done); any other
-        shape up to `max_batch_size`."""
+        (several would hold each request until the others' frames are done); a shape
+        warm-up measured, its measured limit; any other shape of a measured model the
+        model's smallest (without buckets one shape stands for all); else
+        `max_batch_size`."""
         name, h, w = key
         model = self.models.get(name)
-        frame = model is not None and (h, w) in model.frame_shapes
-        return 1 if frame else self.settings.max_batch_size
+        if model is None:
+            return self.settings.max_batch_size
+        if (h, w) in model.frame_shapes:
+            return 1
+        limits = model.batch_limits
+        if (h, w) in limits:
+            return limits[h, w]
+        return min(limits.values(), default=self.settings.max_batch_size)
 
     def _batch_sizes(self, model: LoadedModel, h: int, w: int, n: int) -> list[int]:
         """The batches `n` crops of shape (h, w) run as, in order; their sizes add up to

@@ -10,6 +10,7 @@ import difflib
 import json
 import os
 import re
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +25,12 @@ from models.runtime.backend import BackendUnavailable, CompileMode, resolve_back
 from service.video import ENCODERS
 
 ModelName = Literal["x2", "x3", "x4", "AS"]
+
+
+def default_backend_cache_dir() -> Path:
+    """This user's folder for converted networks under the system's temporary folder."""
+    user = os.getuid() if hasattr(os, "getuid") else os.getlogin()
+    return Path(tempfile.gettempdir()) / f"imdn-backend-cache-{user}"
 
 
 def usable_cpus() -> int:
@@ -57,14 +64,20 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="intra-op threads on the CPU; 0 = PyTorch's")
     backend: Literal["auto", "eager", "channels_last", "onnxruntime", "openvino", "compile"] = (
         Field(
-            "eager",
-            description="how the network runs (models/runtime/backend.py, docs/benchmarks.md): "
-            "'eager' gives the authors' exact outputs; the others agree within 1e-4 and are "
-            "faster on the CPU. 'auto': openvino, else onnxruntime when installed, else "
-            "channels_last; on CUDA eager. 'compile': torch.compile of the plain forward of each "
-            "(model, full shape, batch size) during warm-up, padded crops eager "
-            "(CUDA; needs shape buckets)",
+            "auto",
+            description="how the network runs (models/runtime/backend.py, docs/benchmarks.md). "
+            "'auto': on the CPU the fastest installed, openvino (installed by `make setup`), "
+            "else onnxruntime, else channels_last; on CUDA eager. 'eager' gives the authors' "
+            "exact outputs (the Table 5 path); the others agree within 1e-4. 'compile': "
+            "torch.compile of the plain forward of each (model, full shape, batch size) "
+            "during warm-up, padded crops eager (CUDA; needs shape buckets)",
         )
+    )
+    backend_cache_dir: Path | None = Field(
+        default_factory=default_backend_cache_dir,
+        description="folder that keeps OpenVINO's converted networks across restarts (6-8 s "
+        "each to convert on two cores, ~0.1 s to read back); default: "
+        "imdn-backend-cache-<uid> in the system's temporary folder; empty: none",
     )
     compile_mode: CompileMode = Field(
         "max-autotune-no-cudagraphs",
@@ -112,7 +125,17 @@ class Settings(BaseSettings):
     )
 
     # Batching and tiling
-    max_batch_size: int = Field(8, ge=4, description=">= 4: the four ACS crops share a batch")
+    max_batch_size: int = Field(
+        8, ge=4, description="the largest batch the batcher forms; >= 4, so the four ACS crops "
+        "can share one"
+    )
+    batch_limit: Literal["measured", "max"] = Field(
+        "measured",
+        description="'measured': warm-up times each model at batch sizes 1, 2, 4, ... up to "
+        "max_batch_size, and batches grow only while each size is at least as fast per "
+        "crop pixel as the smaller ones (on the CPU usually 1; on CUDA the largest); the "
+        "choice is logged and listed in /v1/models. 'max': up to max_batch_size",
+    )
     max_batch_wait_ms: float = Field(5.0, ge=0)
     max_queue_crops: int = Field(256, ge=1, description="crops waiting before 429")
     max_batch_seconds: float = Field(
@@ -281,6 +304,11 @@ class Settings(BaseSettings):
                     "with no path or trailing slash (browsers send it that way)"
                 )
         return v
+
+    @field_validator("backend_cache_dir", mode="before")
+    @classmethod
+    def _empty_is_no_cache(cls, v: object) -> object:
+        return None if v == "" else v
 
     @field_validator("frame_buckets", mode="before")
     @classmethod

@@ -1,4 +1,5 @@
-"""The device runner's wiring on the CPU: the compiled backend without compiling.
+"""The device runner's wiring on the CPU: the compiled backend without compiling, and the
+batch sizes warm-up chooses (on fake networks whose batches are slower or faster per crop).
 
 `torch.compile` itself is exercised on CUDA (tests/test_gpu.py); on two CPU cores it
 takes tens of seconds a shape. Here it is replaced by a recorder that returns the
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,11 +21,14 @@ import numpy as np
 import pytest
 import torch
 
+from models.networks.checkpoints import REGISTRY
 from models.runtime.device import precision_dtype
 from models.runtime.graphs import GraphedForward
 from models.training.train import autocast_dtype
+from service.batcher import Batcher, BatchOutcome, Key, Slice
 from service.engine import Engine
-from service.runner import MEGACACHE_FILE
+from service.metrics import Metrics
+from service.runner import MEGACACHE_FILE, DeviceRunner, LoadedModel
 from service.settings import Settings
 
 LOAD_CACHE_ARTIFACTS = torch.compiler.load_cache_artifacts  # PyTorch's, before any stub
@@ -251,3 +256,65 @@ def test_precision_auto_on_cuda_serves_float16_and_trains_bfloat16_where_support
     bf16 = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     assert precision_dtype("auto", cuda, prefer_bf16=True) == bf16
     assert autocast_dtype("auto", cuda) == bf16
+
+
+def _timed_runner(weights_dir: Path, seconds: Callable[[int], float]) -> DeviceRunner:
+    """A CPU runner whose x4 is a fake network: a batch of n crops takes `seconds(n)`."""
+    settings = Settings(device="cpu", weights_dir=weights_dir, models=["x4"], warmup=False)
+    runner = DeviceRunner(settings, Engine._planner(settings), Metrics())
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        time.sleep(seconds(x.shape[0]))
+        return torch.zeros(x.shape[0], 3, 1, 1)
+
+    descriptor = REGISTRY["x4"].model.loaded(dtype=torch.float32, device=runner.device)
+    model = LoadedModel(descriptor, "eager", forward, masked=None, masked_eager=None)
+    runner.models["x4"] = model
+    runner.choose_batch_limits(model)
+    return runner
+
+
+@pytest.mark.parametrize(
+    ("seconds", "limit"),
+    [
+        (lambda n: 0.004 * n**1.5, 1),  # each crop slower in company: the CPU's PyTorch
+        (lambda n: 0.02 + 0.002 * n, 8),  # a fixed cost per batch: a GPU's
+    ],
+    ids=["slower-per-crop", "faster-per-crop"],
+)
+def test_warm_up_batches_only_sizes_at_least_as_fast_per_crop(
+    weights_dir: Path, seconds: Callable[[int], float], limit: int
+) -> None:
+    """Without buckets, warm-up times batch sizes 1, 2, 4, 8 in pairs and the batcher's
+    limit (`batch_limit`, for every crop shape of the model) is the largest size before
+    one that is slower per crop: 1 where batches cost more per crop, 8 where they cost
+    less. Where 2 already loses, 4 and 8 are not tried."""
+    runner = _timed_runner(weights_dir, seconds)
+    (shape,) = runner.models["x4"].batch_limits
+    assert runner.models["x4"].batch_limits == {shape: limit}
+    assert runner.batch_limit(("x4", 37, 53)) == runner.batch_limit(("x4", *shape)) == limit
+    timed = sorted(runner.batch_seconds[("x4", *shape)])
+    assert timed == ([1, 2] if limit == 1 else [1, 2, 4, 8])
+
+
+def test_the_batcher_forms_only_the_chosen_sizes(weights_dir: Path) -> None:
+    """A measured limit of 1 reaches the batcher: eight crops of one request run as eight
+    batches of one, without the batch wait."""
+    runner = _timed_runner(weights_dir, lambda n: 0.004 * n**1.5)
+    sizes: list[int] = []
+
+    async def run(key: Key, slices: list[Slice]) -> BatchOutcome:
+        sizes.append(sum(s.stop - s.start for s in slices))
+        return BatchOutcome(0.001, 0)
+
+    async def go() -> None:
+        batcher = Batcher(
+            run, max_batch=8, max_wait_s=60, max_queue_crops=64, batch_limit=runner.batch_limit
+        )
+        batcher.start()
+        ticket = batcher.submit(("x4", 40, 40), 8, None, deadline=time.perf_counter() + 30)
+        await asyncio.wait_for(ticket.future, 10)
+        await batcher.stop()
+
+    asyncio.run(go())
+    assert sizes == [1] * 8

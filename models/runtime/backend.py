@@ -13,7 +13,10 @@ every one takes any batch size and any height and width, as the service's crops 
   Needs the ``onnx`` extra (onnxruntime, onnx, onnxscript).
 - ``openvino``: converted once from the module with a dynamic input shape, compiled for
   the CPU in float32 (OpenVINO's default on bf16-capable CPUs is bfloat16, which moves
-  outputs by ~1e-2; we pin f32). Needs the ``openvino`` extra.
+  outputs by ~1e-2; we pin f32). Needs the ``openvino`` extra (which `make setup`
+  installs: on the CPU it is what ``auto`` picks). Converting takes 6-8 s per network on
+  two cores, so with a `cache_dir` the converted network is kept there (OpenVINO IR, named
+  by a hash of the weights and OpenVINO's version) and a restart reads it in ~0.1 s.
 
 Both exported backends run `split_free(model)`: the same function, bit for bit, with each
 distillation step as two convolutions instead of one and a channel split, which both
@@ -34,10 +37,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import importlib.util
 import logging
+import os
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -57,6 +63,11 @@ CompileMode = Literal["max-autotune-no-cudagraphs", "max-autotune", "default", "
 _NEEDS = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino")}
 # the order `auto` tries on the CPU: fastest first (docs/benchmarks.md)
 _CPU_PREFERENCE: tuple[BackendName, ...] = ("openvino", "onnxruntime", "channels_last")
+# bump when what `split_free` or the conversion produce changes: old cached networks are
+# then never read again
+_CACHE_FORMAT = 1
+
+log = logging.getLogger(__name__)
 
 
 class BackendUnavailable(RuntimeError):
@@ -100,12 +111,14 @@ def prepare(
     *,
     in_place: bool = False,
     compile_mode: CompileMode = "max-autotune-no-cudagraphs",
+    cache_dir: Path | None = None,
 ) -> Forward:
     """A forward function for `model` on `device` in `dtype`, run by `backend`.
 
     The model is copied unless `in_place` (the service's runner: one copy of each network
     on the device, moved and converted in place). Exported backends (ONNX Runtime,
-    OpenVINO) run on the CPU in float32 only, and take CPU tensors.
+    OpenVINO) run on the CPU in float32 only, and take CPU tensors. `cache_dir` keeps
+    OpenVINO's converted networks across restarts (see `openvino_compiled`).
     """
     name = resolve_backend(backend, device)
     network = (model if in_place else copy.deepcopy(model)).to(device, dtype=dtype).eval()
@@ -125,7 +138,7 @@ def prepare(
     network = split_free(network)  # same outputs; the runtimes copy channel splits slowly
     if name == "onnxruntime":
         return _onnxruntime_forward(network, sample)
-    return _openvino_forward(network, sample)
+    return _openvino_forward(network, sample, cache_dir)
 
 
 def prepare_masked(
@@ -252,27 +265,97 @@ def _onnxruntime_forward(network: nn.Module, sample: torch.Tensor) -> Forward:
 
 
 def openvino_compiled(
-    network: nn.Module, sample: torch.Tensor, extra_config: dict[str, Any] | None = None
+    network: nn.Module,
+    sample: torch.Tensor,
+    extra_config: dict[str, Any] | None = None,
+    cache_dir: Path | None = None,
 ) -> Any:
     """`network` converted with a dynamic N, H, W and compiled for the CPU in float32;
-    `extra_config` adds OpenVINO CPU properties (bench/model_vs_machine.py: PERF_COUNT)."""
+    `extra_config` adds OpenVINO CPU properties (bench/model_vs_machine.py: PERF_COUNT).
+
+    With `cache_dir`, a network converted before (same weights, same OpenVINO) is read
+    from there instead of converted; it must still compute `network`'s output on `sample`
+    within 1e-4, or it is converted afresh. A cache never stops the network from running:
+    one that cannot be read or written only costs the conversion."""
     import openvino as ov
 
-    with _quiet("torch.jit"):
-        converted = ov.convert_model(
-            network, example_input=sample, input=[ov.PartialShape([-1, 3, -1, -1])]
-        )
     config = {
         "INFERENCE_PRECISION_HINT": "f32",
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_NUM_THREADS": _threads(),
         **(extra_config or {}),
     }
-    return ov.Core().compile_model(converted, "CPU", config)
+    core = ov.Core()
+    cached = _openvino_cache_file(network, cache_dir)
+    if cached is not None and cached.is_file():
+        try:
+            compiled = core.compile_model(core.read_model(cached), "CPU", config)
+        except RuntimeError as exc:  # a damaged file: OpenVINO raises RuntimeError
+            log.warning("OpenVINO cache %s not read (%s): converting afresh", cached, exc)
+        else:
+            if _agrees(compiled, network, sample):
+                return compiled
+            log.warning("OpenVINO cache %s computes something else: converting afresh", cached)
+    with _quiet("torch.jit"):
+        converted = ov.convert_model(
+            network, example_input=sample, input=[ov.PartialShape([-1, 3, -1, -1])]
+        )
+    if cached is not None:
+        _save_openvino(converted, cached)
+    return core.compile_model(converted, "CPU", config)
 
 
-def _openvino_forward(network: nn.Module, sample: torch.Tensor) -> Forward:
-    request = openvino_compiled(network, sample).create_infer_request()
+def _openvino_cache_file(network: nn.Module, cache_dir: Path | None) -> Path | None:
+    """Where the converted `network` is kept in `cache_dir`: named by a hash of its
+    weights (names, shapes, bytes), OpenVINO's version and `_CACHE_FORMAT`. None without a
+    cache, or when the folder is not this user's own (another user could plant a file)."""
+    if cache_dir is None:
+        return None
+    import openvino as ov
+
+    try:
+        cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        owner = cache_dir.stat().st_uid
+    except OSError as exc:
+        log.warning("OpenVINO cache folder %s unusable (%s): converting each start", cache_dir, exc)
+        return None
+    if hasattr(os, "getuid") and owner != os.getuid():
+        log.warning("OpenVINO cache folder %s belongs to another user: not used", cache_dir)
+        return None
+    digest = hashlib.sha256(f"{_CACHE_FORMAT} {ov.__version__}".encode())
+    for key, value in network.state_dict().items():
+        tensor = value.detach().to("cpu").contiguous()
+        digest.update(f"{key} {tuple(tensor.shape)} {tensor.dtype}".encode())
+        digest.update(tensor.numpy().tobytes())
+    return cache_dir / f"openvino-{digest.hexdigest()[:32]}.xml"
+
+
+def _save_openvino(converted: Any, target: Path) -> None:
+    """Write the IR (.xml and its .bin, float32 weights) under temporary names, then rename
+    the .bin and last the .xml into place: a reader sees a whole pair or none."""
+    import openvino as ov
+
+    partial = target.with_name(f".{target.stem}.{os.getpid()}.partial.xml")
+    try:
+        ov.save_model(converted, partial, compress_to_fp16=False)
+        os.replace(partial.with_suffix(".bin"), target.with_suffix(".bin"))
+        os.replace(partial, target)
+    except (OSError, RuntimeError) as exc:
+        partial.unlink(missing_ok=True)
+        partial.with_suffix(".bin").unlink(missing_ok=True)
+        log.warning("OpenVINO cache %s not saved: %s", target, exc)
+
+
+def _agrees(compiled: Any, network: nn.Module, sample: torch.Tensor) -> bool:
+    """Whether `compiled` computes `network` on `sample` within 1e-4."""
+    with torch.inference_mode():
+        expected = network(sample).numpy()
+    got = compiled.create_infer_request().infer({0: _numpy(sample)})[0]
+    return bool(got.shape == expected.shape and np.abs(got - expected).max() <= 1e-4)
+
+
+def _openvino_forward(network: nn.Module, sample: torch.Tensor, cache_dir: Path | None) -> Forward:
+    request = openvino_compiled(network, sample, cache_dir=cache_dir).create_infer_request()
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         result = request.infer({0: _numpy(x)}, share_inputs=True)  # outputs are copies
