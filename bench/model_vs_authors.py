@@ -1,8 +1,14 @@
 """Benchmark 2: time per image of our model path against the authors' plain eager forward of
-the same weights, on Set5 and Set14 at ×2, ×3 and ×4, with equal outputs.
+the same weights, on Set5 and Set14 at ×2, ×3 and ×4 and IMDN_AS, with equal outputs.
 
-    python -m bench.model_vs_authors [--rounds 2] [--backends channels_last openvino]
-                                     [--sets Set5 Set14] [--scales 2 3 4]
+    python -m bench.model_vs_authors [--rounds 2] [--backends auto channels_last]
+                                     [--sets Set5 Set14] [--scales 2 3 4] [--as-scales 3]
+
+`auto` is the service's default (`make serve`): openvino on the CPU where installed.
+IMDN_AS rows (`--as-scales`): the LR bicubic-resized to the HR size, then the authors'
+recipe (`acs.authors_forward`: the whole image when both sides are multiples of 4, else
+their four ACS crops as one batch) against ours on the same crops one at a time, as the
+service runs them on the CPU where warm-up measured batches slower per crop.
 
 LR images are made from the HR ones by MATLAB-style bicubic (`models.quality.matlab.imresize`,
 HR cropped to a multiple of the scale), the paper's protocol. The authors' path is their
@@ -32,8 +38,9 @@ import torch
 from bench.common import bracketed, hr_images, machine, synchronizer, to_tensor, to_uint8
 from models.networks.checkpoints import load_official
 from models.networks.imdn import IMDN
-from models.quality.matlab import imresize, modcrop, psnr, rgb_to_y
-from models.runtime.backend import installed, prepare
+from models.quality.matlab import imresize, imresize_tensor, modcrop, psnr, rgb_to_y
+from models.runtime import acs
+from models.runtime.backend import Forward, installed, prepare, resolve_backend
 from service.shared import WEIGHTS
 
 CPU_TOLERANCE = 1e-4
@@ -58,28 +65,54 @@ def _authors(model: IMDN, device: torch.device) -> Callable[[torch.Tensor], torc
     return forward
 
 
+def _one_crop_at_a_time(forward: Forward) -> Forward:
+    """IMDN_AS through `forward` as the service's CPU default runs it: the authors' plan,
+    its crops one per call."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        plan = acs.authors_plan(*x.shape[-2:])
+        if plan.is_whole:
+            return forward(x)
+        return acs.run_plan(forward, x, plan, scale=1, max_batch=1)
+
+    return run
+
+
+def _model_input(name: str, lr: np.ndarray, hr: np.ndarray) -> torch.Tensor:
+    """The network's input: the LR itself, or for IMDN_AS its bicubic resize to the HR size."""
+    x = to_tensor(lr)
+    if name == "AS":
+        x = imresize_tensor(x.double(), size=hr.shape[:2]).clamp(0, 1).float()
+    return x
+
+
 def run(
     device: torch.device,
     sets: list[str],
     scales: list[int],
     ours: dict[str, tuple[str, torch.dtype]],  # label -> (backend, dtype)
     rounds: int,
+    as_scales: list[int] | None = None,
 ) -> bool:
     """Print a table for `device`; True when every output agrees with the authors'."""
     sync = synchronizer(device)
     ok = True
-    header = f"{'set':6s} {'x':>2s} {'authors ms':>10s} "
+    header = f"{'set':6s} {'model':>5s} {'authors ms':>10s} "
     header += " ".join(f"{label + ' ms':>18s} {'speed-up':>8s}" for label in ours)
     header += f" {'PSNR authors':>12s} " + " ".join(f"{'PSNR ' + label:>18s}" for label in ours)
     header += f" {'max |diff|':>10s}"
     print(header)
-    for scale in scales:
-        reference = load_official(f"x{scale}", WEIGHTS).to(device).eval()
+    cases = [(f"x{s}", s) for s in scales] + [("AS", s) for s in as_scales or []]
+    for name, scale in cases:
+        reference = load_official(name, WEIGHTS).to(device).eval()
         authors = _authors(reference, device)
         forwards = {
             label: prepare(reference, backend, device, dtype)
             for label, (backend, dtype) in ours.items()
         }
+        if name == "AS":
+            authors = functools.partial(acs.authors_forward, reference)
+            forwards = {label: _one_crop_at_a_time(f) for label, f in forwards.items()}
         for dataset in sets:
             own_ms: dict[str, list[float]] = {label: [] for label in ours}
             log_speedups: dict[str, list[float]] = {label: [] for label in ours}
@@ -88,7 +121,7 @@ def run(
             worst = 0.0
             for _name, hr_full in hr_images(dataset):
                 lr, hr = _lr_hr(hr_full, scale)
-                x = to_tensor(lr).to(device)
+                x = _model_input(name, lr, hr).to(device)
                 expected = authors(x).float()
                 psnrs["authors"].append(_psnr(expected, hr, scale))
                 candidates: dict[str, Callable[[], object]] = {}
@@ -106,7 +139,8 @@ def run(
                 for label, fig in figures.items():
                     own_ms[label].append(min(fig.seconds) * 1000)
                     log_speedups[label].append(math.log(statistics.median(fig.ratios)))
-            row = f"{dataset:6s} {scale:2d} {statistics.mean(authors_ms):10.1f} "
+            model = name if name != "AS" else f"AS×{scale}"
+            row = f"{dataset:6s} {model:>5s} {statistics.mean(authors_ms):10.1f} "
             row += " ".join(
                 f"{statistics.mean(own_ms[label]):18.1f} "
                 f"{math.exp(statistics.mean(log_speedups[label])):7.2f}x"
@@ -138,7 +172,9 @@ def main(argv: list[str] | None = None) -> None:
         "--backends",
         nargs="+",
         default=["channels_last"] + (["openvino"] if installed("openvino") else []),
+        help="backends to time; `auto` is the service's default",
     )
+    parser.add_argument("--as-scales", nargs="*", type=int, default=[3])
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto: both when CUDA is")
     args = parser.parse_args(argv)
     devices = [torch.device("cpu")] if args.device in ("auto", "cpu") else []
@@ -151,10 +187,14 @@ def main(argv: list[str] | None = None) -> None:
     for device in devices:
         print(f"\n{machine(device)}\ndevice {device}")
         if device.type == "cpu":
-            ours = {b: (b, torch.float32) for b in args.backends if installed(b)}
+            ours = {
+                b if b != "auto" else f"auto={resolve_backend(b, device)}": (b, torch.float32)
+                for b in args.backends
+                if installed(b)
+            }
         else:
             ours = {f"{b}_fp16": (b, torch.float16) for b in ("eager", "channels_last")}
-        ok &= run(device, args.sets, args.scales, ours, args.rounds)
+        ok &= run(device, args.sets, args.scales, ours, args.rounds, args.as_scales)
     print("outputs agree" if ok else "OUTPUTS DIFFER beyond tolerance")
     raise SystemExit(0 if ok else 1)
 

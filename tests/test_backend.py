@@ -155,4 +155,38 @@ def test_settings_refuse_a_backend_that_is_not_installed(
     monkeypatch.delenv("IMDN_BACKEND", raising=False)
     with pytest.raises(ValidationError, match=r"imdn-serve\[onnx\]"):
         Settings(weights_dir=weights_dir, backend="onnxruntime")
-    assert Settings(weights_dir=weights_dir).backend == "eager"
+    assert Settings(weights_dir=weights_dir).backend == "auto"
+
+
+def test_openvino_keeps_its_converted_network_and_checks_what_it_reads(
+    official_model: Any, butterfly_lr: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first prepare converts and writes the IR (float32 weights) into the cache
+    folder; the next reads it back without converting, and computes the same function. A
+    damaged file is not trusted: the backend converts afresh."""
+    _backend_or_skip("openvino")
+    import openvino as ov
+
+    model = official_model("x4")
+    cache = tmp_path / "cache"
+    first = prepare(model, "openvino", CPU, torch.float32, cache_dir=cache)
+    (xml,) = cache.glob("*.xml")
+    assert xml.with_suffix(".bin").stat().st_size > 4 * 700_000  # float32, not float16
+    assert oct(cache.stat().st_mode & 0o777) == "0o700"
+
+    class Converted(Exception):
+        pass
+
+    def no_conversion(*args: Any, **kwargs: Any) -> None:
+        raise Converted
+
+    monkeypatch.setattr(ov, "convert_model", no_conversion)
+    again = prepare(model, "openvino", CPU, torch.float32, cache_dir=cache)
+    x = butterfly_lr[..., :36, :52]
+    assert torch.equal(again(x), first(x))
+    with torch.inference_mode():
+        assert (again(x) - model(x)).abs().max().item() <= TOLERANCE
+
+    xml.write_text(xml.read_text().replace('version="11"', 'version="x"', 1) + "<broken")
+    with pytest.raises(Converted):
+        prepare(model, "openvino", CPU, torch.float32, cache_dir=cache)

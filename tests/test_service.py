@@ -27,8 +27,9 @@ from tests.reference import whole_forward
 
 # These tests hold the service to the authors' outputs bit for bit, and size a memory
 # budget for float32: pinned to the CPU in fp32 on any host (tests/test_gpu.py covers
-# CUDA with tolerances)
-CPU_FP32: dict[str, str] = {"device": "cpu", "precision": "fp32"}
+# CUDA with tolerances), and to the eager backend (the default, openvino, agrees within
+# 1e-4: one level of 8 bits here and there; tested below)
+CPU_FP32: dict[str, str] = {"device": "cpu", "precision": "fp32", "backend": "eager"}
 
 
 def png_of(arr: np.ndarray) -> bytes:
@@ -53,7 +54,11 @@ def metric_samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], fl
 @pytest.fixture(scope="module")
 def server(weights_dir: Path) -> Iterator[LiveServer]:
     settings = Settings(
-        **CPU_FP32, weights_dir=weights_dir, max_batch_wait_ms=30, request_timeout_s=300
+        **CPU_FP32,
+        weights_dir=weights_dir,
+        max_batch_wait_ms=30,
+        request_timeout_s=300,
+        batch_limit="max",  # concurrent requests share batches (a test below counts them)
     )
     with live_server(settings) as srv:
         yield srv
@@ -78,6 +83,8 @@ def test_health_readiness_and_models(client: httpx.Client) -> None:
         "depth": 34,
         "device": "cpu",
         "precision": "float32",
+        "backend": "eager",
+        "max_batch": {},  # IMDN_BATCH_LIMIT=max: nothing measured
     }
     assert list(models["AS"].items()) == [  # the fields in this order, as clients saw them
         ("name", "AS"),
@@ -87,6 +94,8 @@ def test_health_readiness_and_models(client: httpx.Client) -> None:
         ("depth", 35),
         ("device", "cpu"),
         ("precision", "float32"),
+        ("backend", "eager"),
+        ("max_batch", {}),
     ]
 
 
@@ -259,6 +268,42 @@ def test_concurrent_mixed_scales_are_batched(
     assert batches < len(scales), f"{batches} batches for {len(scales)} one-crop requests"
     largest_mean = max(sums[k] / counts[k] for k in counts if counts[k])
     assert largest_mean > 1, "no batch held more than one crop"
+
+
+def test_the_default_backend_is_the_one_the_readme_names_and_batches_keep_its_limit(
+    weights_dir: Path, datasets_dir: Path, official_model
+) -> None:  # type: ignore[no-untyped-def]
+    """A server with the default settings on the CPU runs the backend the README's settings
+    table names for the CPU (openvino, which `make setup` installs), within one 8-bit level
+    of the authors' eager outputs; /v1/models lists the batch limit warm-up measured, and
+    four concurrent requests run in batches no larger than it."""
+    row = next(
+        line for line in (Path(__file__).parents[1] / "README.md").read_text().splitlines() if "`IMDN_BACKEND`" in line
+    )
+    named = re.search(r"on the CPU `(\w+)`", row)
+    assert named is not None, row
+    lr = read_rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "birdx4.bmp")
+    settings = Settings(weights_dir=weights_dir, models=["x4"])
+    assert settings.backend == re.findall(r"`([^`]+)`", row)[1] == "auto"
+    with live_server(settings) as srv:
+        (listed,) = httpx.get(f"{srv.url}/v1/models", timeout=30).json()["models"]
+        before = metric_samples(httpx.get(f"{srv.url}/metrics").text, "imdn_batch_size_count")
+        responses = asyncio.run(_post_all(srv.url, [(4, png_of(lr))] * 4))
+        text = httpx.get(f"{srv.url}/metrics").text
+    assert listed["backend"] == named.group(1) == "openvino"
+    (limit,) = listed["max_batch"].values()
+    assert limit in (1, 2, 4, 8)
+    expected = whole_forward(official_model("x4"), lr)
+    for r in responses:
+        assert r.status_code == 200, r.text
+        out = read_png(r.content)
+        assert out.shape == expected.shape
+        assert np.abs(out.astype(int) - expected).max() <= 1
+    counts = metric_samples(text, "imdn_batch_size_count")
+    within = metric_samples(text, "imdn_batch_size_bucket")
+    batches = sum(counts.values()) - sum(before.values())
+    assert 4 / limit <= batches <= 4
+    assert within[(("le", f"{limit}.0"), ("model", "x4"))] == sum(counts.values())
 
 
 def test_full_queue_answers_429_and_nothing_else_fails(

@@ -290,7 +290,7 @@ def openvino_compiled(
     if cached is not None and cached.is_file():
         try:
             compiled = core.compile_model(core.read_model(cached), "CPU", config)
-        except RuntimeError as exc:  # a damaged file: OpenVINO raises RuntimeError
+        except Exception as exc:  # a damaged file, whatever OpenVINO raises for it
             log.warning("OpenVINO cache %s not read (%s): converting afresh", cached, exc)
         else:
             if _agrees(compiled, network, sample):
