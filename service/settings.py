@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from models.networks.checkpoints import OFFICIAL_BASE_URL, REGISTRY
 from models.runtime.backend import BackendUnavailable, CompileMode, resolve_backend
+from models.runtime.device import resolve_device
 from service.video import ENCODERS
 
 ModelName = Literal["x2", "x3", "x4", "AS"]
@@ -212,11 +213,12 @@ class Settings(BaseSettings):
     # Output
     png_compress_level: int = Field(1, ge=0, le=9)
     encode_threads: int = Field(
-        default_factory=usable_cpus,
-        ge=1,
+        0,
+        ge=0,
         description="threads that compress one PNG's bands of rows in parallel (shared by "
-        "all responses); default: the CPUs this process may use; 1: one zlib stream, "
-        "compressed as it is sent",
+        "all responses); 1: one zlib stream, compressed as it is sent. 0 (default): 1 when "
+        "the network runs on the CPU (its intra-op threads take every core: more encoders "
+        "preempt them, docs/deploy.md), else the CPUs this process may use",
     )
 
     # HTTP
@@ -357,6 +359,16 @@ class Settings(BaseSettings):
                 f"({Image.MAX_IMAGE_PIXELS} pixels)"
             )
         return v
+
+    @model_validator(mode="after")
+    def _encoders_leave_the_cpu_network_its_cores(self) -> Settings:
+        if self.encode_threads == 0:  # the thread budget, docs/deploy.md
+            try:
+                on_cpu = resolve_device(self.device).type == "cpu"
+            except (RuntimeError, ValueError):
+                on_cpu = False  # a device that cannot be had fails at start, with its reason
+            self.encode_threads = 1 if on_cpu else usable_cpus()
+        return self
 
     @model_validator(mode="after")
     def _ops_protection_needs_keys(self) -> Settings:
