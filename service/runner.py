@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 MEGACACHE_FILE = "imdn-megacache.bin"
 # without shape buckets, the crop side (at the network's inner resolution) at which warm-up
-# times each batch size, and how many times (the least time counts: a busy host only adds)
+# times each batch size, and how many pairs of timings decide each size
 MEASURE_SIDE = 96
 MEASURE_ROUNDS = 3
 
@@ -276,7 +276,8 @@ class DeviceRunner:
         MEASURE_SIDE (inner) run at 1, 2, 4, ... up to `max_batch_size`: each size is
         timed beside the size below it, MEASURE_ROUNDS pairs, and the median of their
         ratios of time per crop counts (a busy host slows both of a pair alike); the
-        growth stops at the first size slower per crop than a smaller one."""
+        growth stops at the first size slower per crop than a smaller one, or that does
+        not fit the device."""
         name = model.descriptor.name
         relative: dict[int, float] = {}  # without buckets: see below
         if self.planner.buckets:
@@ -293,13 +294,17 @@ class DeviceRunner:
             seconds = self.batch_seconds.setdefault((name, side, side), {})
             for smaller, size in itertools.pairwise(sizes):
                 ratios = []  # time per crop at `size` over that at `smaller`
-                for round_ in range(MEASURE_ROUNDS + 1):  # the first pair untimed
-                    small = self._time_batch(model, (smaller, 3, side, side))
-                    large = self._time_batch(model, (size, 3, side, side))
-                    if round_:
-                        ratios.append(large / size / (small / smaller))
-                        seconds[smaller] = min(small, seconds.get(smaller, small))
-                        seconds[size] = min(large, seconds.get(size, large))
+                try:
+                    for round_ in range(MEASURE_ROUNDS + 1):  # the first pair untimed
+                        small = self._time_batch(model, (smaller, 3, side, side))
+                        large = self._time_batch(model, (size, 3, side, side))
+                        if round_:
+                            ratios.append(large / size / (small / smaller))
+                            seconds[smaller] = min(small, seconds.get(smaller, small))
+                            seconds[size] = min(large, seconds.get(size, large))
+                except DeviceOutOfMemory:  # a batch that does not fit is not worth forming
+                    log.warning("warm-up: a batch of %d %dx%d crops does not fit", size, side, side)
+                    break
                 relative[size] = relative[smaller] / smaller * size * statistics.median(ratios)
                 if batch_limit(relative) < size:
                     break
