@@ -127,6 +127,7 @@ class DeviceRunner:
         # (model, h, w): {batch size: seconds} of the warm-up's timed pass: the batcher's
         # throughput estimate and the runner's batch splitting both read it
         self.batch_seconds: dict[tuple[str, int, int], dict[int, float]] = {}
+        self.clock = time.perf_counter  # what times the batch sizes (`choose_batch_limits`)
 
     # Life cycle (on the device thread)
 
@@ -326,10 +327,10 @@ class DeviceRunner:
         """Seconds of one forward of random crops of `shape`."""
         crops = torch.rand(shape, device=self.device)
         valid = torch.tensor([list(shape[2:])] * shape[0], device=self.device)
-        started = time.perf_counter()
+        started = self.clock()
         self._forward(model, crops, valid, full=False)
         self._synchronise()
-        return time.perf_counter() - started
+        return self.clock() - started
 
     def warm_timings(self, name: str) -> list[tuple[int, int, int, float]]:
         """(batch, h, w, seconds) of each batch of model `name` the warm-up timed."""

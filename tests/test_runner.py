@@ -29,7 +29,7 @@ from service.batcher import Batcher, BatchOutcome, Key, Slice
 from service.engine import Engine
 from service.metrics import Metrics
 from service.runner import MEGACACHE_FILE, DeviceRunner, LoadedModel
-from service.settings import Settings
+from service.settings import Settings, usable_cpus
 
 LOAD_CACHE_ARTIFACTS = torch.compiler.load_cache_artifacts  # PyTorch's, before any stub
 
@@ -234,6 +234,18 @@ def test_the_gil_switch_interval_is_shorter_on_cuda_and_set_by_the_runner(
         sys.setswitchinterval(before)
 
 
+def test_encode_threads_leave_a_cpu_network_its_cores(
+    weights_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thread budget (docs/deploy.md): unset, one PNG encoder thread when the network
+    runs on the CPU (its intra-op threads take every core), every usable CPU with CUDA;
+    a value given is kept."""
+    assert Settings(weights_dir=weights_dir, device="cpu").encode_threads == 1
+    assert Settings(weights_dir=weights_dir, device="cpu", encode_threads=3).encode_threads == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert Settings(weights_dir=weights_dir).encode_threads == usable_cpus()
+
+
 def test_precision_auto_is_float32_off_cuda_for_serving_and_training() -> None:
     """One function names the dtype of a precision setting for the runner and the trainer;
     `prefer_bf16` is all they differ in, and only on CUDA."""
@@ -259,12 +271,15 @@ def test_precision_auto_on_cuda_serves_float16_and_trains_bfloat16_where_support
 
 
 def _timed_runner(weights_dir: Path, seconds: Callable[[int], float]) -> DeviceRunner:
-    """A CPU runner whose x4 is a fake network: a batch of n crops takes `seconds(n)`."""
+    """A CPU runner whose x4 is a fake network: a batch of n crops takes `seconds(n)` of
+    the runner's clock (a fake one, so a busy host cannot change the choice)."""
     settings = Settings(device="cpu", weights_dir=weights_dir, models=["x4"], warmup=False)
     runner = DeviceRunner(settings, Engine._planner(settings), Metrics())
+    now = [0.0]
+    runner.clock = lambda: now[0]
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        time.sleep(seconds(x.shape[0]))
+        now[0] += seconds(x.shape[0])
         return torch.zeros(x.shape[0], 3, 1, 1)
 
     descriptor = REGISTRY["x4"].model.loaded(dtype=torch.float32, device=runner.device)
@@ -277,10 +292,11 @@ def _timed_runner(weights_dir: Path, seconds: Callable[[int], float]) -> DeviceR
 @pytest.mark.parametrize(
     ("seconds", "limit"),
     [
-        (lambda n: 0.004 * n**1.5, 1),  # each crop slower in company: the CPU's PyTorch
-        (lambda n: 0.02 + 0.002 * n, 8),  # a fixed cost per batch: a GPU's
+        (lambda n: 0.1 * n**1.2, 1),  # each crop slower in company: the CPU's PyTorch
+        (lambda n: 0.02 + 0.01 * n, 8),  # a fixed cost per batch: a GPU's
+        (lambda n: 0.02 + 0.01 * n + 0.002 * n**2, 4),  # 8 is slower per crop than 4
     ],
-    ids=["slower-per-crop", "faster-per-crop"],
+    ids=["slower-per-crop", "faster-per-crop", "faster-up-to-4"],
 )
 def test_warm_up_batches_only_sizes_at_least_as_fast_per_crop(
     weights_dir: Path, seconds: Callable[[int], float], limit: int
@@ -288,19 +304,22 @@ def test_warm_up_batches_only_sizes_at_least_as_fast_per_crop(
     """Without buckets, warm-up times batch sizes 1, 2, 4, 8 in pairs and the batcher's
     limit (`batch_limit`, for every crop shape of the model) is the largest size before
     one that is slower per crop: 1 where batches cost more per crop, 8 where they cost
-    less. Where 2 already loses, 4 and 8 are not tried."""
+    less, 4 where 8 costs more per crop than 4. Where 2 already loses, 4 and 8 are not
+    tried."""
     runner = _timed_runner(weights_dir, seconds)
     (shape,) = runner.models["x4"].batch_limits
     assert runner.models["x4"].batch_limits == {shape: limit}
     assert runner.batch_limit(("x4", 37, 53)) == runner.batch_limit(("x4", *shape)) == limit
     timed = sorted(runner.batch_seconds[("x4", *shape)])
     assert timed == ([1, 2] if limit == 1 else [1, 2, 4, 8])
+    for batch, spent in runner.batch_seconds[("x4", *shape)].items():  # kept for admission
+        assert spent == pytest.approx(seconds(batch))
 
 
 def test_the_batcher_forms_only_the_chosen_sizes(weights_dir: Path) -> None:
     """A measured limit of 1 reaches the batcher: eight crops of one request run as eight
     batches of one, without the batch wait."""
-    runner = _timed_runner(weights_dir, lambda n: 0.004 * n**1.5)
+    runner = _timed_runner(weights_dir, lambda n: 0.1 * n**1.2)
     sizes: list[int] = []
 
     async def run(key: Key, slices: list[Slice]) -> BatchOutcome:
