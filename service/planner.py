@@ -42,6 +42,10 @@ FIXED_SCALES = {s.model.scale: n for n, s in REGISTRY.items() if not s.model.any
 ANY_SCALE = next(n for n, s in REGISTRY.items() if s.model.any_scale)
 ACS_PADDING = 32  # the authors' p for the paper's four-crop ACS
 BUCKET_GRANULARITY = 16  # bucket sides are multiples of this (and of the size rule)
+# how much faster per crop a larger batch must be to be formed: within it a busy host's
+# timings cannot tell, and a larger batch costs latency (a request waits for the others'
+# crops) and memory for nothing
+BATCH_GAIN = 0.05
 
 
 def model_for_scale(scale: float) -> str:
@@ -111,17 +115,18 @@ def batch_split(n: int, seconds: Mapping[int, float]) -> list[int]:
 
 def batch_limit(seconds: Mapping[int, float]) -> int:
     """The largest timed batch size worth forming: the smallest is always; each larger one
-    while its time per crop is no more than every smaller size's (the timings are of one
-    crop shape, so per crop is per pixel). A size that batches slower stops the growth:
-    the CPU's PyTorch batches, ~2x slower per crop than one at a time, choose 1; a GPU's,
-    faster per crop up to the largest size, choose it."""
+    while its time per crop is below every smaller size's by BATCH_GAIN at least (the
+    timings are of one crop shape, so per crop is per pixel). A size that does not pay
+    stops the growth: the CPU's PyTorch batches, ~2x slower per crop than one at a time,
+    and OpenVINO's, about as fast, choose 1; a GPU's, faster per crop up to the largest
+    size, choose it."""
     if not seconds:
         raise ValueError("batch_limit needs some timed batch sizes")
     sizes = sorted(seconds)
     limit, best = sizes[0], seconds[sizes[0]] / sizes[0]
     for size in sizes[1:]:
         per_crop = seconds[size] / size
-        if per_crop > best:
+        if per_crop > best * (1 - BATCH_GAIN):
             break
         limit, best = size, per_crop
     return limit

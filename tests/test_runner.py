@@ -294,18 +294,19 @@ def _timed_runner(weights_dir: Path, seconds: Callable[[int], float]) -> DeviceR
     [
         (lambda n: 0.1 * n**1.2, 1),  # each crop slower in company: the CPU's PyTorch
         (lambda n: 0.02 + 0.01 * n, 8),  # a fixed cost per batch: a GPU's
-        (lambda n: 0.02 + 0.01 * n + 0.002 * n**2, 4),  # 8 is slower per crop than 4
+        (lambda n: 0.1 * n * (1 - 0.01 * n), 1),  # 2 is faster by 1 %: within the noise
+        (lambda n: 0.02 + 0.01 * n + 0.001 * n**2, 4),  # 8 is slower per crop than 4
     ],
-    ids=["slower-per-crop", "faster-per-crop", "faster-up-to-4"],
+    ids=["slower-per-crop", "faster-per-crop", "about-as-fast", "faster-up-to-4"],
 )
 def test_warm_up_batches_only_sizes_at_least_as_fast_per_crop(
     weights_dir: Path, seconds: Callable[[int], float], limit: int
 ) -> None:
     """Without buckets, warm-up times batch sizes 1, 2, 4, 8 in pairs and the batcher's
     limit (`batch_limit`, for every crop shape of the model) is the largest size before
-    one that is slower per crop: 1 where batches cost more per crop, 8 where they cost
-    less, 4 where 8 costs more per crop than 4. Where 2 already loses, 4 and 8 are not
-    tried."""
+    one that is not faster per crop by 5 % (`planner.BATCH_GAIN`): 1 where batches cost
+    more per crop or about the same, 8 where they cost less, 4 where 8 costs more per crop
+    than 4. Where 2 already loses, 4 and 8 are not tried."""
     runner = _timed_runner(weights_dir, seconds)
     (shape,) = runner.models["x4"].batch_limits
     assert runner.models["x4"].batch_limits == {shape: limit}

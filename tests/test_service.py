@@ -277,9 +277,8 @@ def test_the_default_backend_is_the_one_the_readme_names_and_batches_keep_its_li
     table names for the CPU (openvino, which `make setup` installs), within one 8-bit level
     of the authors' eager outputs; /v1/models lists the batch limit warm-up measured, and
     four concurrent requests run in batches no larger than it."""
-    row = next(
-        line for line in (Path(__file__).parents[1] / "README.md").read_text().splitlines() if "`IMDN_BACKEND`" in line
-    )
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if "`IMDN_BACKEND`" in line)
     named = re.search(r"on the CPU `(\w+)`", row)
     assert named is not None, row
     lr = read_rgb(datasets_dir / "Set5" / "LR_bicubic" / "x4" / "birdx4.bmp")
