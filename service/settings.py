@@ -133,9 +133,10 @@ class Settings(BaseSettings):
     batch_limit: Literal["measured", "max"] = Field(
         "measured",
         description="'measured': warm-up times each model at batch sizes 1, 2, 4, ... up to "
-        "max_batch_size, and batches grow only while each size is at least as fast per "
-        "crop pixel as the smaller ones (on the CPU usually 1; on CUDA the largest); the "
-        "choice is logged and listed in /v1/models. 'max': up to max_batch_size",
+        "max_batch_size, and batches grow only while each size is faster per crop pixel "
+        "than the smaller ones, by 5 % at least (on the CPU usually 1; on CUDA the "
+        "largest); the choice is logged and listed in /v1/models. 'max': up to "
+        "max_batch_size",
     )
     max_batch_wait_ms: float = Field(5.0, ge=0)
     max_queue_crops: int = Field(256, ge=1, description="crops waiting before 429")
