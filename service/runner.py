@@ -166,7 +166,7 @@ class DeviceRunner:
         )
         # the file fits the registry's model exactly (architecture, scale, every shape)
         descriptor = spec.model.loaded(dtype=self.dtype, device=self.device)
-        backend = resolve_backend(self.settings.backend, self.device)
+        backend = resolve_backend(self.settings.backend, self.device, padded=self.planner.buckets)
         # one copy on the device: every forward below runs `network` itself, moved and
         # converted in place (exported backends keep their own runtime copy instead)
         forward = prepare(

@@ -109,6 +109,8 @@ def test_auto_picks_an_installed_backend_on_the_cpu() -> None:
     preference = ["openvino", "onnxruntime", "channels_last"]
     # nothing faster than the chosen one is installed
     assert not any(installed(b) for b in preference[: preference.index(chosen)])
+    # padded crops (shape buckets) run PyTorch's masked forward: the fastest PyTorch one
+    assert resolve_backend("auto", CPU, padded=True) == "channels_last"
 
 
 def test_auto_on_cuda_is_eager_and_exported_backends_refuse_it() -> None:

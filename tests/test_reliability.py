@@ -427,7 +427,11 @@ def slow_server(weights_dir: Path) -> Iterator[LiveServer]:
     """Small tiles and batches, so a 192×192 image at ×4 is ~150 crops, and batches that
     take 0.05 s each: seconds of work on any machine."""
     settings = Settings(
-        weights_dir=weights_dir, models=["x4"], tile_max_pixels=80 * 80, max_batch_size=4
+        weights_dir=weights_dir,
+        models=["x4"],
+        tile_max_pixels=80 * 80,
+        max_batch_size=4,
+        batch_limit="max",  # batches of 4, whatever warm-up timed on this CPU
     )
     with live_server(settings) as srv:
         srv.app.state.engine.runner.models["x4"].forward = _batches_taking(0.05, 4)

@@ -80,13 +80,17 @@ def installed(backend: str) -> bool:
     return need is None or importlib.util.find_spec(need[0]) is not None
 
 
-def resolve_backend(name: str, device: torch.device) -> BackendName:
+def resolve_backend(name: str, device: torch.device, *, padded: bool = False) -> BackendName:
     """`auto` becomes the fastest backend that runs here: on the CPU, OpenVINO or ONNX
     Runtime when installed, else channels_last; on other devices eager (the path the
-    CUDA half of bench/model_vs_authors.py measures). Any other name is checked."""
+    CUDA half of bench/model_vs_authors.py measures). With `padded` (padded crops, which
+    only PyTorch's masked forward runs: shape buckets) the fastest PyTorch one. Any other
+    name is checked."""
     if name == "auto":
         if device.type != "cpu":
             return "eager"
+        if padded:
+            return "channels_last"
         return next(b for b in _CPU_PREFERENCE if installed(b))
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected auto or one of {', '.join(BACKENDS)}")
