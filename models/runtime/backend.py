@@ -16,7 +16,7 @@ every one takes any batch size and any height and width, as the service's crops 
   outputs by ~1e-2; we pin f32). Needs the ``openvino`` extra (which `make setup`
   installs: on the CPU it is what ``auto`` picks). Converting takes 6-8 s per network on
   two cores, so with a `cache_dir` the converted network is kept there (OpenVINO IR, named
-  by a hash of the weights and OpenVINO's version) and a restart reads it in ~0.1 s.
+  by a hash of the weights and OpenVINO's version) and a restart reads it back in ~1 s.
 
 Both exported backends run `split_free(model)`: the same function, bit for bit, with each
 distillation step as two convolutions instead of one and a channel split, which both
