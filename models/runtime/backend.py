@@ -66,6 +66,7 @@ _CPU_PREFERENCE: tuple[BackendName, ...] = ("openvino", "onnxruntime", "channels
 # bump when what `split_free` or the conversion produce changes: old cached networks are
 # then never read again
 _CACHE_FORMAT = 1
+RUNTIME_CACHE_SHAPES = 64  # OpenVINO's per-shape kernel cache (see `openvino_compiled`)
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +288,9 @@ def openvino_compiled(
         "INFERENCE_PRECISION_HINT": "f32",
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_NUM_THREADS": _threads(),
+        # kernels kept per input shape: OpenVINO's 5000 grew a server that sees every
+        # image size by ~0.35 MB a shape; the service's recent shapes fit in 64
+        "CPU_RUNTIME_CACHE_CAPACITY": RUNTIME_CACHE_SHAPES,
         **(extra_config or {}),
     }
     core = ov.Core()
