@@ -603,6 +603,7 @@ def test_hpa_query_on_a_real_prometheus_scraping_two_servers(
         max_batch_size=16,
         max_batch_wait_ms=HOLD_MS,
         max_batch_seconds=3600,  # a batch is full at 16 crops, not at a time bound
+        batch_limit="max",  # crops wait for a fuller batch (a limit of 1 never waits)
     )
     with ExitStack() as stack:
         servers = {pod: stack.enter_context(live_server(settings)) for pod in pods}
