@@ -543,7 +543,7 @@ def describe_errors(exc: ValidationError | SettingsError) -> list[str]:
     problems = []
     for error in exc.errors():
         loc = [str(part) for part in error["loc"]]
-        message = error["msg"].removeprefix("Value error, ")
+        message = _variables_named(error["msg"].removeprefix("Value error, "))
         if not loc:  # a check across several settings: its message names them
             problems.append(message)
             continue
@@ -553,6 +553,17 @@ def describe_errors(exc: ValidationError | SettingsError) -> list[str]:
             name += f"={given}"
         problems.append(f"{name}: {message}")
     return problems
+
+
+def _variables_named(message: str) -> str:
+    """`message` with each setting it names as a field (`shape_buckets`) named as its
+    environment variable (`IMDN_SHAPE_BUCKETS`), which is what an operator sets. Only
+    names with an underscore: one-word fields (`device`, `backend`) are also plain words."""
+    fields = sorted((f for f in Settings.model_fields if "_" in f), key=len, reverse=True)
+    if not fields:
+        return message
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, fields)) + r")\b")
+    return pattern.sub(lambda m: env_var(m.group(1)), message)
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -58,6 +58,11 @@ def _serve_refuses(
             None,
         ),
         ({"IMDN_MAX_SCALE": "0.5"}, "IMDN_MAX_SCALE=0.5: Input should be greater than 1", None),
+        (  # a check across two settings names both variables too, not their fields
+            {"IMDN_BACKEND": "compile", "IMDN_SHAPE_BUCKETS": "off"},
+            "it needs IMDN_SHAPE_BUCKETS 'on' or 'auto', not 'off'",
+            "shape_buckets",
+        ),
     ],
     ids=[
         "empty-key",
@@ -67,6 +72,7 @@ def _serve_refuses(
         "keys-not-json",
         "models-not-json",
         "range",
+        "across-settings",
     ],
 )
 def test_serve_refuses_bad_settings_naming_the_variable(
