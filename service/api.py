@@ -471,12 +471,14 @@ async def list_models(engine: EngineDep) -> dict[str, list[dict[str, Any]]]:
 )
 async def report_route(request: Request, engine: EngineDep, report: ReportDep) -> Response:
     """Table 6 of the paper, live, per model and scale: parameters, depth, forward time
-    and request time per image, peak memory in MiB; with the device, the precision and
-    what each figure measures."""
+    and request time per image, peak memory in MiB; then per model, scale and frame size
+    of the videos served, the same per frame (`videos`); with the device, the precision
+    and what each figure measures."""
     rows = report.rows(m.descriptor for m in engine.models.values())
+    videos = report.video_rows(engine.models)
     device, precision = device_name(engine.device), describe_precision(engine)
     if "text/markdown" in request.headers.get("accept", ""):
-        text = report_markdown(rows, device=device, precision=precision)
+        text = report_markdown(rows, device=device, precision=precision, videos=videos)
         return PlainTextResponse(text, media_type="text/markdown")
     return JSONResponse(
         {
@@ -485,6 +487,7 @@ async def report_route(request: Request, engine: EngineDep, report: ReportDep) -
             "precision": precision,
             "measures": MEASURES,
             "models": [r.as_dict() for r in rows],
+            "videos": [v.as_dict() for v in videos],
         }
     )
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -582,3 +583,66 @@ def test_a_late_start_and_b_frames_keep_every_timestamp(server: LiveServer) -> N
     assert [round(f.time, 4) for f in out] == [round(f.time, 4) for f in decoded_frames(data)]
     assert [round(f.time, 4) for f in out] == [round(t, 4) for t in times]
     assert audio_packets(r.content) == audio_packets(data) != []
+
+
+def test_the_report_gets_a_video_row_and_the_image_rows_stay_as_they_were(
+    server: LiveServer, clip: tuple[bytes, list[float]]
+) -> None:
+    """A video streamed to its end adds to its (model, scale, frame size) row of
+    /v1/report, per frame; its frames are not counted as images, and a refused video
+    adds nothing."""
+    from service.report import VIDEO_HEADER
+
+    def report() -> tuple[list[Any], dict[tuple[str, str, str], dict[str, Any]]]:
+        body = httpx.get(server.url + "/v1/report").json()
+        assert {"video_forward_*_seconds", "video_request_*_seconds"} <= set(body["measures"])
+        videos = {(v["model"], v["scale"], v["frame_size"]): v for v in body["videos"]}
+        return body["models"], videos
+
+    images_before, videos_before = report()
+    refused = httpx.post(f"{server.url}{URL}?scale=9", content=clip[0], headers=MP4, timeout=60)
+    assert refused.status_code == 422
+    assert report() == (images_before, videos_before)
+
+    r = httpx.post(f"{server.url}{URL}?scale=3", content=clip[0], headers=MP4, timeout=300)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-imdn-model"] == "x3"
+    images_after, videos_after = report()
+    assert images_after == images_before  # the frames went through the engine, not as images
+    key = ("x3", "3", "32x24")  # decoded size: the clip's rotation tag is metadata
+    assert set(videos_after) - set(videos_before) <= {key}
+    row, prior = videos_after[key], videos_before.get(key, {"videos": 0, "frames": 0})
+    assert (row["videos"] - prior["videos"], row["frames"] - prior["frames"]) == (1, 12)
+    assert 0 < row["forward_p50_seconds"] <= row["forward_p95_seconds"]
+    assert row["forward_mean_seconds"] > 0
+    assert 0 < row["request_p50_seconds"] <= row["request_p95_seconds"]
+    assert row["request_mean_seconds"] * 12 < 300  # a video's time, shared by its frames
+    assert row["peak_memory_mib"] > 0
+
+    md = httpx.get(server.url + "/v1/report", headers={"Accept": "text/markdown"}).text
+    assert "| " + " | ".join(VIDEO_HEADER) + " |" in md
+    line = next(ln for ln in md.splitlines() if ln.startswith("| x3 | 3 | 32x24 |"))
+    assert line.split("|")[5].strip() == f"{row['frames']:,}"
+    assert "- **request**: per frame: a video's whole time" in md
+
+
+def test_the_report_pools_video_rows_past_its_bound() -> None:
+    """Frame sizes are the user's: past MAX_VIDEO_ROWS rows, new ones pool per model."""
+    from service.report import MAX_VIDEO_ROWS, Report
+
+    report = Report()
+    report.record_video("AS", "2", (8, 8), 0, 1.0, [], 0)  # no frame: no row
+    for i in range(MAX_VIDEO_ROWS + 3):
+        report.record_video("AS", "2.5", (40 - i % 2, 16 + i), 2, 1.0, [0.1, 0.2], 2**20)
+    rows = report.video_rows(["x2", "AS"])
+    assert len(rows) == MAX_VIDEO_ROWS + 1
+    assert (rows[0].model, rows[0].scale, rows[0].frame_size) == ("AS", "2.5", "40x16")
+    assert (rows[-1].scale, rows[-1].frame_size, rows[-1].videos, rows[-1].frames) == (
+        "other",
+        "other",
+        3,
+        6,
+    )
+    assert rows[0].request_mean_seconds == pytest.approx(0.5)  # 1 s over 2 frames
+    assert rows[0].forward_mean_seconds == pytest.approx(0.15)
+    assert rows[0].peak_memory_mib == pytest.approx(1.0)

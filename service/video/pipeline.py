@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 
 from service.engine import DeadlineExceeded, Engine, QueueFull, UpscaleResult
 from service.imaging import output_size
+from service.report import WINDOW
 from service.video.decode import AudioFrame, Decoder, Frame, Item, Packet
 from service.video.encode import Codec, Encoder, plan_streams
 from service.video.probe import VideoInfo
@@ -59,6 +61,10 @@ class VideoStats:
     encode_s: float = 0.0
     seconds_out: float = 0.0  # video time of the frames encoded so far
     model: str = ""
+    # each frame's forward time (the last ones: the report keeps no more) and the largest
+    # batch peak among the frames, for the Table 6 report's video rows
+    forward_s: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    peak_memory_bytes: int = 0
     started: float = field(default_factory=time.perf_counter)
     dropped_streams: tuple[str, ...] = ()
     stop: Callable[[], None] = lambda: None
@@ -189,6 +195,8 @@ async def upscale_video(
                 stats.decode_s += frame.decode_seconds
                 stats.queue_s += result.queue_seconds
                 stats.compute_s += result.compute_seconds
+                stats.forward_s.append(result.compute_seconds)
+                stats.peak_memory_bytes = max(stats.peak_memory_bytes, result.peak_memory_bytes)
                 stats.model = result.model
                 first_pts = frame.pts if first_pts is None else first_pts
                 stats.seconds_out = (frame.pts - first_pts) * tb

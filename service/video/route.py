@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, BinaryIO, Literal
 
@@ -39,6 +39,7 @@ from service.api import (
     problem_response,
 )
 from service.engine import EngineError, QueueFull
+from service.report import Report, scale_key
 from service.video.errors import VideoError
 from service.video.metrics import VideoMetrics
 
@@ -131,7 +132,7 @@ async def superres_video(
             raise ProblemError(
                 422, "scale_out_of_range", f"scale must be a number in (1, {settings.max_scale:g}]"
             )
-        engine.model_name(scale)
+        model = engine.model_name(scale)
         chosen = CODECS[codec or _codec_from_accept(request.headers.get("accept"))]
         _check_accept(request.headers.get("accept"), chosen.media_type)
         if crf is not None and crf > chosen.max_crf:
@@ -194,7 +195,21 @@ async def superres_video(
         headers["X-IMDN-Model"] = stats.model
     if stats.dropped_streams:
         headers["X-IMDN-Dropped-Streams"] = ", ".join(stats.dropped_streams)
-    body = _body(first, stream, path, stats, metrics, arrived)
+    report: Report = request.app.state.report
+    row_scale = scale_key(engine.models[model].descriptor, scale)
+
+    def record(seconds: float) -> None:  # a video streamed to its end: a Table 6 video row
+        report.record_video(
+            model,
+            row_scale,
+            (info.width, info.height),
+            stats.frames,
+            seconds,
+            stats.forward_s,
+            stats.peak_memory_bytes,
+        )
+
+    body = _body(first, stream, path, stats, metrics, arrived, record)
     return StreamingResponse(body, media_type=chosen.media_type, headers=headers)
 
 
@@ -328,6 +343,7 @@ async def _body(
     stats: object,
     metrics: VideoMetrics,
     arrived: float,
+    record: Callable[[float], None],
 ) -> AsyncIterator[bytes]:
     from service.video.pipeline import VideoStats
 
@@ -361,4 +377,5 @@ async def _body(
             metrics.stage_seconds.labels(stage=stage).inc(getattr(stats, f"{stage}_s"))
         if outcome == "ok":
             metrics.fps.observe(stats.frames_per_second())
+            record(time.perf_counter() - arrived)
         metrics.duration.observe(time.perf_counter() - arrived)
