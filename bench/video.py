@@ -26,7 +26,7 @@ import torch
 
 from bench.common import hr_images, machine, synchronizer, to_tensor
 from models.networks.checkpoints import load_official
-from models.runtime.backend import prepare
+from models.runtime.backend import prepare, resolve_backend
 from service.engine import Engine, model_for_scale
 from service.settings import Settings
 from service.shared import WEIGHTS
@@ -56,9 +56,12 @@ def make_clip(path: Path, height: int, width: int, frames: int) -> list[np.ndarr
 
 def model_only(engine: Engine, name: str, frames: list[np.ndarray]) -> float:
     """Seconds for the backend forward of every frame, batch 1, one after the other, on
-    the engine's device and in its precision (the frames already there)."""
-    device, dtype = engine.device, engine.dtype
-    forward = prepare(load_official(name, WEIGHTS), "eager", device, dtype)
+    the engine's device, in its precision and by its backend (the frames already there)."""
+    device, dtype, s = engine.device, engine.dtype, engine.settings
+    backend = resolve_backend(s.backend, device, padded=engine.planner.buckets)
+    forward = prepare(
+        load_official(name, WEIGHTS), backend, device, dtype, cache_dir=s.backend_cache_dir
+    )
     inputs = [to_tensor(f).to(device, dtype) for f in frames]
     sync = synchronizer(device)
     with torch.inference_mode():
