@@ -110,7 +110,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "machine": machine(engine.device),
         "model": name,
         "size": args.size,
-        "tile_max_pixels": settings.tile_max_pixels,
+        "tile_max_pixels": settings.frame_tile_pixels,  # a frame's budget (service.settings)
     }
     try:
         with tempfile.TemporaryDirectory() as folder:

@@ -195,8 +195,12 @@ class Engine:
     def model_name(self, scale: float) -> str:
         return check_served(scale, list(self.models))
 
-    def plan(self, model: LoadedModel, height: int, width: int) -> Plan:
-        return self.planner.plan(height, width, model.descriptor.size_multiple)
+    def plan(
+        self, model: LoadedModel, height: int, width: int, *, tile_max_pixels: int | None = None
+    ) -> Plan:
+        return self.planner.plan(
+            height, width, model.descriptor.size_multiple, tile_max_pixels=tile_max_pixels
+        )
 
     def deadline(self) -> float:
         """A request's deadline if it arrives now (time.perf_counter())."""
@@ -229,11 +233,18 @@ class Engine:
         plan = self._plan_of(model, height, width, scale)
         return (model.descriptor.name, *plan.shape), len(plan.crops.crops)
 
-    def _plan_of(self, model: LoadedModel, height: int, width: int, scale: float) -> Plan:
+    def _plan_of(
+        self,
+        model: LoadedModel,
+        height: int,
+        width: int,
+        scale: float,
+        tile_max_pixels: int | None = None,
+    ) -> Plan:
         """The plan of an image of height x width by `scale` (IMDN_AS runs at the output size)."""
         if model.descriptor.any_scale:
             height, width = output_size(height, width, scale)
-        return self._plan_for(model, height, width)
+        return self._plan_for(model, height, width, tile_max_pixels)
 
     async def upscale(
         self,
@@ -243,10 +254,12 @@ class Engine:
         grey: bool = False,
         deadline: float | None = None,
         hold: Reservation | None = None,
+        tile_max_pixels: int | None = None,
     ) -> UpscaleResult:
         """Super-resolve an HxWx3 image (uint8, uint16, or float32 in [0, 1]) by `scale`
         before `deadline` (time.perf_counter(); default: the request timeout from now), in
-        the place `hold` kept for it.
+        the place `hold` kept for it; `tile_max_pixels`: a tile budget of its own (a video
+        frame's, `Settings.frame_tile_pixels`).
 
         The result is quantised as the input's depth (uint16 for uint16, else uint8),
         grey (one plane) when `grey`.
@@ -259,7 +272,7 @@ class Engine:
         bits = pixels.bits_of(image)
         target = output_size(image.shape[0], image.shape[1], scale)
         # refuse what cannot fit before any pixel moves (the plan needs only the sizes)
-        plan = self._plan_of(model, image.shape[0], image.shape[1], scale)
+        plan = self._plan_of(model, image.shape[0], image.shape[1], scale, tile_max_pixels)
         key = (name, *plan.shape)
         batcher.admit(key, len(plan.crops.crops), deadline, hold=hold)
         started = time.perf_counter()
@@ -326,8 +339,12 @@ class Engine:
             return acs.round_up(height, m), acs.round_up(width, m)
         return height, width
 
-    def _plan_for(self, model: LoadedModel, height: int, width: int) -> Plan:
-        return self.plan(model, *self._padded_size(model, height, width))
+    def _plan_for(
+        self, model: LoadedModel, height: int, width: int, tile_max_pixels: int | None = None
+    ) -> Plan:
+        return self.plan(
+            model, *self._padded_size(model, height, width), tile_max_pixels=tile_max_pixels
+        )
 
     def _prepare(
         self,

@@ -197,14 +197,18 @@ class Planner:
         _, long = self.bucket_sides(multiple)
         return sorted({(long, long), *self.frame_shapes(multiple)})
 
-    def plan(self, height: int, width: int, multiple: int) -> Plan:
+    def plan(
+        self, height: int, width: int, multiple: int, *, tile_max_pixels: int | None = None
+    ) -> Plan:
         """The plan for an image of `height` x `width` (already at least `multiple` on
-        each side) for a network whose sides must be multiples of `multiple`."""
+        each side) for a network whose sides must be multiples of `multiple`;
+        `tile_max_pixels` replaces the server's tile budget (a video's frames), without
+        shape buckets only (with them, frames whole are the frame buckets' business)."""
         if self.buckets:
             return self._bucketed(height, width, multiple)
         # the budget counts pixels at the network's inner resolution: IMDN_AS works at a
         # quarter of each side, so its crops may be 16x larger for the same memory
-        budget = self.tile_max_pixels * multiple * multiple
+        budget = (tile_max_pixels or self.tile_max_pixels) * multiple * multiple
         if height * width <= budget:
             if height % multiple == 0 and width % multiple == 0:
                 crops = acs.whole_plan(height, width)

@@ -646,3 +646,46 @@ def test_the_report_pools_video_rows_past_its_bound() -> None:
     assert rows[0].request_mean_seconds == pytest.approx(0.5)  # 1 s over 2 frames
     assert rows[0].forward_mean_seconds == pytest.approx(0.15)
     assert rows[0].peak_memory_mib == pytest.approx(1.0)
+
+
+def test_frames_run_whole_where_images_of_their_size_are_tiled(
+    weights_dir: Path, temp_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without shape buckets a frame of up to IMDN_VIDEO_TILE_MAX_PIXELS runs as one crop
+    (tiles would redo their context every frame), while an image of the same size follows
+    IMDN_TILE_MAX_PIXELS and is cut into tiles."""
+    settings = Settings(
+        weights_dir=weights_dir,
+        models=["x2"],
+        warmup=False,
+        tile_max_pixels=48 * 48,
+        tile_padding=8,
+        video_tile_max_pixels=64 * 64,
+        video_temp_dir=temp_dir,
+    )
+    from service.batcher import Batcher
+
+    submit, crops = Batcher.submit, []
+
+    def counting(self: Batcher, key: Any, count: int, *args: Any, **kwargs: Any) -> Any:
+        crops.append(count)
+        return submit(self, key, count, *args, **kwargs)
+
+    monkeypatch.setattr(Batcher, "submit", counting)
+    data, times = make_clip(width=64, height=56, frames=3, audio=None, vfr=False)
+    png = io.BytesIO()
+    Image.fromarray(np.full((56, 64, 3), 120, np.uint8)).save(png, format="PNG")
+    with live_server(settings) as srv:
+        image = httpx.post(
+            f"{srv.url}/v1/superres?scale=2",
+            content=png.getvalue(),
+            headers={"content-type": "image/png"},
+            timeout=120,
+        )
+        assert image.status_code == 200 and int(image.headers["X-IMDN-Crops"]) > 1
+        crops.clear()
+        r = httpx.post(f"{srv.url}{URL}?scale=2", content=data, headers=MP4, timeout=300)
+    assert r.status_code == 200, r.text
+    frames = decoded_frames(r.content)
+    assert len(frames) == len(times) and (frames[0].width, frames[0].height) == (128, 112)
+    assert crops == [1] * len(times), crops

@@ -230,7 +230,12 @@ async def _upscale_frame(engine: Engine, job: VideoJob, frame: Frame) -> Upscale
         if left <= 0:
             raise DeadlineExceeded("the video did not finish within its deadline")
         try:
-            return await engine.upscale(frame.pixels, job.scale, deadline=job.deadline)
+            return await engine.upscale(
+                frame.pixels,
+                job.scale,
+                deadline=job.deadline,
+                tile_max_pixels=engine.settings.frame_tile_pixels,
+            )
         except QueueFull as exc:
             await asyncio.sleep(min(max(exc.retry_after_s, RETRY_MIN_S), RETRY_MAX_S, left))
 
