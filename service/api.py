@@ -16,11 +16,11 @@ import hmac
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, Callable, Collection, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterator
 from concurrent.futures import Executor
 from functools import partial
 from http import HTTPStatus
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -295,6 +295,8 @@ def upload_digest(data: bytes) -> bytes:
 
 
 # Routes
+
+T = TypeVar("T")
 
 router = APIRouter()
 """Every route of the API; `install` adds them to an app with the error handlers."""
@@ -763,9 +765,15 @@ async def _upscale_watching_disconnect(
     held: Reservation,
 ) -> UpscaleResult:
     """Run the upscale, cancelling it (and dropping its queued crops) if the client leaves."""
-    work = asyncio.ensure_future(
-        engine.upscale(decoded.pixels, scale, grey=decoded.grey, deadline=deadline, hold=held)
+    return await until_disconnected(
+        request,
+        engine.upscale(decoded.pixels, scale, grey=decoded.grey, deadline=deadline, hold=held),
     )
+
+
+async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
+    """`awaitable`'s result, cancelling it if the client leaves first (`ClientDisconnect`)."""
+    work = asyncio.ensure_future(awaitable)
 
     async def watch() -> None:
         while not work.done():

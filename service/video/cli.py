@@ -34,32 +34,17 @@ async def upscale_local(engine: object, path: Path, target: Path, scale: float) 
     if not video.available():
         return video.INSTALL_HINT
     from service.engine import Engine, EngineError
-    from service.video.encode import CODECS, choose_encoder
+    from service.video.encode import CODECS
     from service.video.errors import VideoError
     from service.video.pipeline import VideoJob, VideoStats, upscale_video
     from service.video.probe import VideoLimits, probe
 
     assert isinstance(engine, Engine)
-    s = engine.settings
-    limits = VideoLimits(
-        s.video_max_input_pixels,
-        s.video_max_output_pixels,
-        s.video_max_frames,
-        s.video_max_duration_s,
-    )
     try:
-        info = probe(path, limits, scale)
+        info = probe(path, VideoLimits.of(engine.settings), scale)
         codec = CODECS["vp9" if target.suffix.lower() == ".webm" else "h264"]
-        job = VideoJob(
-            path=path,
-            info=info,
-            scale=scale,
-            codec=codec,
-            encoder=choose_encoder(codec, s.video_encoder, engine.device.type == "cuda"),
-            crf=codec.default_crf,
-            frames_in_flight=s.video_frames_in_flight,
-            threads=s.video_codec_threads,
-            deadline=time.perf_counter() + s.video_timeout_s,
+        job = VideoJob.for_engine(
+            engine, path, info, scale, codec, None, arrived=time.perf_counter()
         )
         with (
             PartFile(target) as part,

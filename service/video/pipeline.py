@@ -26,7 +26,7 @@ from service.engine import DeadlineExceeded, Engine, QueueFull, UpscaleResult
 from service.imaging import output_size
 from service.report import WINDOW
 from service.video.decode import AudioFrame, Decoder, Frame, Item, Packet
-from service.video.encode import Codec, Encoder, plan_streams
+from service.video.encode import Codec, Encoder, choose_encoder, plan_streams
 from service.video.probe import VideoInfo
 
 T = TypeVar("T")
@@ -44,6 +44,33 @@ class VideoJob:
     frames_in_flight: int
     threads: int  # decoder and encoder threads each
     deadline: float  # time.perf_counter() by which the last frame must be out
+
+    @classmethod
+    def for_engine(
+        cls,
+        engine: Engine,
+        path: Path,
+        info: VideoInfo,
+        scale: float,
+        codec: Codec,
+        crf: int | None,
+        arrived: float,
+    ) -> VideoJob:
+        """A job under `engine`'s settings: its encoder for `codec` on this device, frames
+        in flight, codec threads, and the video deadline from `arrived`; `crf` None: the
+        codec's default."""
+        s = engine.settings
+        return cls(
+            path=path,
+            info=info,
+            scale=scale,
+            codec=codec,
+            encoder=choose_encoder(codec, s.video_encoder, engine.device.type == "cuda"),
+            crf=codec.default_crf if crf is None else crf,
+            frames_in_flight=s.video_frames_in_flight,
+            threads=s.video_codec_threads,
+            deadline=arrived + s.video_timeout_s,
+        )
 
     @property
     def output_size(self) -> tuple[int, int]:

@@ -14,12 +14,16 @@ import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 import av.error
 
 from service.imaging import output_size
 from service.video.errors import VideoError, too_large, undecodable, unprocessable, unsupported
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 CONTAINERS = {"mov,mp4,m4a,3gp,3g2,mj2": "mp4/mov", "matroska,webm": "matroska/webm"}
 """FFmpeg demuxers we accept (the content types of the route name the same families)."""
@@ -32,6 +36,16 @@ class VideoLimits:
     max_output_pixels: int
     max_frames: int
     max_duration_s: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> VideoLimits:
+        """The server's IMDN_VIDEO_MAX_* limits."""
+        return cls(
+            settings.video_max_input_pixels,
+            settings.video_max_output_pixels,
+            settings.video_max_frames,
+            settings.video_max_duration_s,
+        )
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from service.api import (
     SettingsDep,
     engine_error_status,
     problem_response,
+    until_disconnected,
 )
 from service.engine import EngineError, QueueFull
 from service.report import Report, scale_key
@@ -122,7 +123,7 @@ async def superres_video(
         raise ProblemError(
             501, "video_unavailable", f"{video.INSTALL_HINT}, then restart the server"
         )
-    from service.video.encode import CODECS, choose_encoder
+    from service.video.encode import CODECS
     from service.video.pipeline import VideoJob, VideoStats, upscale_video
     from service.video.probe import VideoLimits, probe
 
@@ -143,24 +144,8 @@ async def superres_video(
             settings.body_read_timeout_s,
             settings.video_temp_dir,
         )
-        limits = VideoLimits(
-            settings.video_max_input_pixels,
-            settings.video_max_output_pixels,
-            settings.video_max_frames,
-            settings.video_max_duration_s,
-        )
-        info = await asyncio.to_thread(probe, path, limits, scale)
-        job = VideoJob(
-            path=path,
-            info=info,
-            scale=scale,
-            codec=chosen,
-            encoder=choose_encoder(chosen, settings.video_encoder, engine.device.type == "cuda"),
-            crf=crf if crf is not None else chosen.default_crf,
-            frames_in_flight=settings.video_frames_in_flight,
-            threads=settings.video_codec_threads,
-            deadline=arrived + settings.video_timeout_s,
-        )
+        info = await asyncio.to_thread(probe, path, VideoLimits.of(settings), scale)
+        job = VideoJob.for_engine(engine, path, info, scale, chosen, crf, arrived)
         stats = VideoStats()
         stream = upscale_video(engine, job, stats)
         first = await _first_chunk(request, stream)
@@ -312,28 +297,11 @@ async def _spool_multipart(
 async def _first_chunk(request: Request, stream: AsyncGenerator[bytes, None]) -> bytes:
     """The stream's first bytes (the header and first fragment), or the error before them;
     the work stops if the client leaves meanwhile."""
-    work = asyncio.ensure_future(anext(stream, b""))
-
-    async def watch() -> None:
-        while not work.done():
-            if await request.is_disconnected():
-                work.cancel()
-                return
-            await asyncio.sleep(0.1)
-
-    watcher = asyncio.ensure_future(watch())
     try:
-        return await work
-    except asyncio.CancelledError:
-        await stream.aclose()
-        if watcher.done() and not watcher.cancelled():
-            raise ClientDisconnect() from None
-        raise
+        return await until_disconnected(request, anext(stream, b""))
     except BaseException:
         await stream.aclose()
         raise
-    finally:
-        watcher.cancel()
 
 
 async def _body(
