@@ -57,8 +57,10 @@ def metric(url: str, name: str) -> float:
     return sum(metric_values(httpx.get(f"{url}/metrics", timeout=10).text, name).values())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def server(weights_dir: Path) -> Iterator[LiveServer]:
+    """A server of its own for each test: the places a burst keeps for its retries would
+    otherwise still be promised when the next test's requests arrive (429 there)."""
     settings = Settings(
         weights_dir=weights_dir,
         models=["x2"],
