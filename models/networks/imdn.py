@@ -82,14 +82,24 @@ class IMDN(nn.Module):
         return self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.head(x)
+        return self.upsample(self.trunk(self.head(x)))
+
+    # The forward's three stages: `head` (a module), `trunk`, `upsample`. A backend may
+    # run them apart: OpenVINO's mixed precision keeps the first and last in float32.
+
+    def trunk(self, features: torch.Tensor) -> torch.Tensor:
+        """The blocks, their fusion and the long skip: head features to body features."""
         outputs = []
         out = features
         for block in self.blocks:
             out = block(out)
             outputs.append(out)
         fused = F.leaky_relu(self.fuse(torch.cat(outputs, dim=1)), LEAKY_SLOPE)
-        body = self.body_conv(fused) + features
+        body: torch.Tensor = self.body_conv(fused) + features
+        return body
+
+    def upsample(self, body: torch.Tensor) -> torch.Tensor:
+        """The last convolution and the pixel shuffle to the output size."""
         return F.pixel_shuffle(self.upsample_conv(body), self.upsample_factor)
 
 

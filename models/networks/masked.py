@@ -88,4 +88,4 @@ def masked_forward(model: IMDN, x: torch.Tensor, valid: torch.Tensor) -> torch.T
         outputs.append(out)
     fused = F.leaky_relu(model.fuse(torch.cat(outputs, dim=1)), LEAKY_SLOPE) * mask
     body = (model.body_conv(fused) + features) * mask
-    return F.pixel_shuffle(model.upsample_conv(body), model.upsample_factor)
+    return model.upsample(body)
