@@ -1,9 +1,10 @@
 """Inference backends: the same network and weights, run by the engine that is fastest here.
 
 `prepare(model, backend, device, dtype)` returns a function from an NCHW batch (on `device`,
-of `dtype`) to the network's output, under inference mode. Every backend computes the same
-function within float32 rounding (tests hold them to 1e-4 of eager on real images), and
-every one takes any batch size and any height and width, as the service's crops vary:
+of `dtype`) to the network's output, under inference mode. Every backend in float32
+computes the same function within float32 rounding (tests hold them to 1e-4 of eager on
+real images; OpenVINO's mixed precision, to the PSNR), and every one takes any batch
+size and any height and width, as the service's crops vary:
 
 - ``eager``: the module as written, contiguous NCHW (what the authors' test script does).
 - ``channels_last``: the same module with NHWC weights and inputs; oneDNN's NHWC
@@ -12,11 +13,20 @@ every one takes any batch size and any height and width, as the service's crops 
   width, run by ONNX Runtime's CPU provider (fused conv + activation, NCHWc layout).
   Needs the ``onnx`` extra (onnxruntime, onnx, onnxscript).
 - ``openvino``: converted once from the module with a dynamic input shape, compiled for
-  the CPU in float32 (OpenVINO's default on bf16-capable CPUs is bfloat16, which moves
-  outputs by ~1e-2; we pin f32). Needs the ``openvino`` extra (which `make setup`
-  installs: on the CPU it is what ``auto`` picks). Converting takes 6-8 s per network on
-  two cores, so with a `cache_dir` the converted network is kept there (OpenVINO IR, named
-  by a hash of the weights and OpenVINO's version) and a restart reads it back in ~1 s.
+  the CPU. Needs the ``openvino`` extra (which `make setup` installs: on the CPU it is
+  what ``auto`` picks). Converting takes 6-8 s per network on two cores, so with a
+  `cache_dir` the converted network is kept there (OpenVINO IR, named by a hash of the
+  weights and OpenVINO's version) and a restart reads it back in ~1 s. Two precisions:
+
+  - float32: agrees with eager within 1e-4 (``IMDN_PRECISION=fp32``).
+  - mixed (`prepare(..., mixed=True)`): the trunk in bfloat16, the head and the upsampling
+    in float32, as three compiled networks. On a CPU with native bfloat16 (AVX512-BF16,
+    AMX) ~1.6-1.9× float32's speed. The whole network in bfloat16 is ~2× but costs up to
+    0.03 dB of PSNR: the [0, 1] input loses bits in bfloat16, and the last convolution
+    its output's. With those two in float32 the PSNR is within 0.003 dB of float32 on
+    Set5 and Set14 at every scale; single pixels move by up to ~0.03 (docs/benchmarks.md
+    §10). What ``IMDN_PRECISION=auto`` runs where the CPU has native bfloat16
+    (`mixed_precision`).
 
 Both exported backends run `split_free(model)`: the same function, bit for bit, with each
 distillation step as two convolutions instead of one and a channel split, which both
@@ -66,6 +76,17 @@ _CPU_PREFERENCE: tuple[BackendName, ...] = ("openvino", "onnxruntime", "channels
 # bump when what `split_free` or the conversion produce changes: old cached networks are
 # then never read again
 _CACHE_FORMAT = 1
+# OpenVINO's mixed precision: the stages of `IMDN.forward` and the precision of each
+_MIXED_STAGES: tuple[tuple[str, Literal["f32", "bf16"]], ...] = (
+    ("head", "f32"),  # a [0, 1] input in bfloat16 loses ~0.01-0.03 dB
+    ("trunk", "bf16"),  # ~95 % of the multiply-adds
+    ("upsample", "f32"),  # the output's last bits
+)
+# how far a cached network read back may be from the module it was converted from, of
+# the largest output value: float32's rounding, or bfloat16's (the trunks on the random
+# sample: up to 0.034; another network's trunk: 0.8-1.1)
+_TOLERANCE = {"f32": 1e-4, "bf16": 0.1}
+MIXED = "bfloat16 trunk, float32 head and upsampling"  # how the service names it
 RUNTIME_CACHE_SHAPES = 64  # OpenVINO's per-shape kernel cache (see `openvino_compiled`)
 
 log = logging.getLogger(__name__)
@@ -108,6 +129,25 @@ def resolve_backend(name: str, device: torch.device, *, padded: bool = False) ->
     return backend
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), as OpenVINO
+    reports it; False without OpenVINO."""
+    if not installed("openvino"):
+        return False
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def mixed_precision(precision: str, backend: str) -> bool:
+    """Whether a precision setting ('auto', 'fp32', 'bf16') runs `backend` (resolved)
+    mixed: OpenVINO with a bfloat16 trunk, on 'bf16', and on 'auto' where the CPU computes
+    bfloat16 natively (elsewhere OpenVINO would emulate it, slower than float32)."""
+    if backend != "openvino":
+        return False
+    return precision == "bf16" or (precision == "auto" and native_bf16())
+
+
 def prepare(
     model: IMDN,
     backend: str,
@@ -117,15 +157,19 @@ def prepare(
     in_place: bool = False,
     compile_mode: CompileMode = "max-autotune-no-cudagraphs",
     cache_dir: Path | None = None,
+    mixed: bool = False,
 ) -> Forward:
     """A forward function for `model` on `device` in `dtype`, run by `backend`.
 
     The model is copied unless `in_place` (the service's runner: one copy of each network
     on the device, moved and converted in place). Exported backends (ONNX Runtime,
-    OpenVINO) run on the CPU in float32 only, and take CPU tensors. `cache_dir` keeps
-    OpenVINO's converted networks across restarts (see `openvino_compiled`).
+    OpenVINO) run on the CPU, take and give float32 CPU tensors; `mixed` runs OpenVINO's
+    trunk in bfloat16 (see the module's docstring). `cache_dir` keeps OpenVINO's converted
+    networks across restarts (see `openvino_compiled`).
     """
     name = resolve_backend(backend, device)
+    if mixed and name != "openvino":
+        raise BackendUnavailable(f"mixed precision is OpenVINO's, not {name!r}'s")
     network = (model if in_place else copy.deepcopy(model)).to(device, dtype=dtype).eval()
     if name == "eager":
         return _module_forward(network, memory_format=torch.contiguous_format)
@@ -143,6 +187,8 @@ def prepare(
     network = split_free(network)  # same outputs; the runtimes copy channel splits slowly
     if name == "onnxruntime":
         return _onnxruntime_forward(network, sample)
+    if mixed:
+        return _openvino_mixed_forward(network, sample, cache_dir)
     return _openvino_forward(network, sample, cache_dir)
 
 
@@ -274,18 +320,24 @@ def openvino_compiled(
     sample: torch.Tensor,
     extra_config: dict[str, Any] | None = None,
     cache_dir: Path | None = None,
+    *,
+    precision: Literal["f32", "bf16"] = "f32",
+    stage: str = "",
 ) -> Any:
-    """`network` converted with a dynamic N, H, W and compiled for the CPU in float32;
-    `extra_config` adds OpenVINO CPU properties (bench/model_vs_machine.py: PERF_COUNT).
+    """`network` converted with a dynamic N, H, W and compiled for the CPU in `precision`
+    (pinned: OpenVINO's own default is bfloat16 on CPUs that have it); `extra_config`
+    adds OpenVINO CPU properties (bench/model_vs_machine.py: PERF_COUNT). `stage` names
+    a part of a network converted on its own (its cache file).
 
     With `cache_dir`, a network converted before (same weights, same OpenVINO) is read
     from there instead of converted; it must still compute `network`'s output on `sample`
-    within 1e-4, or it is converted afresh. A cache never stops the network from running:
-    one that cannot be read or written only costs the conversion."""
+    (within 1e-4, or bfloat16's rounding), or it is converted afresh. A cache never stops
+    the network from running: one that cannot be read or written only costs the
+    conversion."""
     import openvino as ov
 
     config = {
-        "INFERENCE_PRECISION_HINT": "f32",
+        "INFERENCE_PRECISION_HINT": precision,
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_NUM_THREADS": _threads(),
         # kernels kept per input shape: OpenVINO's 5000 grew a server that sees every
@@ -294,29 +346,31 @@ def openvino_compiled(
         **(extra_config or {}),
     }
     core = ov.Core()
-    cached = _openvino_cache_file(network, cache_dir)
+    cached = _openvino_cache_file(network, cache_dir, stage)
     if cached is not None and cached.is_file():
         try:
             compiled = core.compile_model(core.read_model(cached), "CPU", config)
         except Exception as exc:  # a damaged file, whatever OpenVINO raises for it
             log.warning("OpenVINO cache %s not read (%s): converting afresh", cached, exc)
         else:
-            if _agrees(compiled, network, sample):
+            if _agrees(compiled, network, sample, _TOLERANCE[precision]):
                 return compiled
             log.warning("OpenVINO cache %s computes something else: converting afresh", cached)
+    channels = sample.shape[1]
     with _quiet("torch.jit"):
         converted = ov.convert_model(
-            network, example_input=sample, input=[ov.PartialShape([-1, 3, -1, -1])]
+            network, example_input=sample, input=[ov.PartialShape([-1, channels, -1, -1])]
         )
     if cached is not None:
         _save_openvino(converted, cached)
     return core.compile_model(converted, "CPU", config)
 
 
-def _openvino_cache_file(network: nn.Module, cache_dir: Path | None) -> Path | None:
+def _openvino_cache_file(network: nn.Module, cache_dir: Path | None, stage: str) -> Path | None:
     """Where the converted `network` is kept in `cache_dir`: named by a hash of its
-    weights (names, shapes, bytes), OpenVINO's version and `_CACHE_FORMAT`. None without a
-    cache, or when the folder is not this user's own (another user could plant a file)."""
+    weights (names, shapes, bytes), OpenVINO's version and `_CACHE_FORMAT`, and the
+    `stage`. None without a cache, or when the folder is not this user's own (another
+    user could plant a file)."""
     if cache_dir is None:
         return None
     import openvino as ov
@@ -335,7 +389,8 @@ def _openvino_cache_file(network: nn.Module, cache_dir: Path | None) -> Path | N
         tensor = value.detach().to("cpu").contiguous()
         digest.update(f"{key} {tuple(tensor.shape)} {tensor.dtype}".encode())
         digest.update(tensor.numpy().tobytes())
-    return cache_dir / f"openvino-{digest.hexdigest()[:32]}.xml"
+    suffix = f"-{stage}" if stage else ""
+    return cache_dir / f"openvino-{digest.hexdigest()[:32]}{suffix}.xml"
 
 
 def _save_openvino(converted: Any, target: Path) -> None:
@@ -354,12 +409,14 @@ def _save_openvino(converted: Any, target: Path) -> None:
         log.warning("OpenVINO cache %s not saved: %s", target, exc)
 
 
-def _agrees(compiled: Any, network: nn.Module, sample: torch.Tensor) -> bool:
-    """Whether `compiled` computes `network` on `sample` within 1e-4."""
+def _agrees(compiled: Any, network: nn.Module, sample: torch.Tensor, tolerance: float) -> bool:
+    """Whether `compiled` computes `network` on `sample` within `tolerance` of the
+    largest output value (at least 1)."""
     with torch.inference_mode():
         expected = network(sample).numpy()
     got = compiled.create_infer_request().infer({0: _numpy(sample)})[0]
-    return bool(got.shape == expected.shape and np.abs(got - expected).max() <= 1e-4)
+    bound = tolerance * max(1.0, float(np.abs(expected).max()))
+    return bool(got.shape == expected.shape and np.abs(got - expected).max() <= bound)
 
 
 def _openvino_forward(network: nn.Module, sample: torch.Tensor, cache_dir: Path | None) -> Forward:
@@ -368,6 +425,41 @@ def _openvino_forward(network: nn.Module, sample: torch.Tensor, cache_dir: Path 
     def forward(x: torch.Tensor) -> torch.Tensor:
         result = request.infer({0: _numpy(x)}, share_inputs=True)  # outputs are copies
         return torch.from_numpy(result[0])
+
+    return forward
+
+
+class _Stage(nn.Module):
+    """One stage of an IMDN's forward (`head`, `trunk` or `upsample`), to convert alone."""
+
+    def __init__(self, network: IMDN, stage: str) -> None:
+        super().__init__()
+        self.network, self.stage = network, stage
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = getattr(self.network, self.stage)(x)
+        return y
+
+
+def _openvino_mixed_forward(network: IMDN, sample: torch.Tensor, cache_dir: Path | None) -> Forward:
+    """The network as three OpenVINO networks: head (float32), trunk (bfloat16) and
+    upsampling (float32), each fed the one before's output in place."""
+    requests = []
+    x = sample
+    for stage, precision in _MIXED_STAGES:
+        part = _Stage(network, stage)
+        compiled = openvino_compiled(part, x, cache_dir=cache_dir, precision=precision, stage=stage)
+        requests.append(compiled.create_infer_request())
+        with torch.no_grad():  # the next stage's sample (an inference tensor would not trace)
+            x = part(x)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = _numpy(x)
+        for request in requests:
+            # each output stays the request's own until its next run, after the next
+            # stage has read it: no copies between stages
+            y = request.infer({0: y}, share_inputs=True, share_outputs=True)[0]
+        return torch.from_numpy(y.copy())
 
     return forward
 
