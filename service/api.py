@@ -122,8 +122,8 @@ def problem(
 
 
 def describe_precision(engine: Engine) -> str:
-    """The loaded models' precision (one for all: the engine's dtype)."""
-    return str(engine.dtype).removeprefix("torch.")
+    """The loaded models' precision (one for all: the engine's)."""
+    return engine.precision
 
 
 # Dependencies
@@ -448,6 +448,7 @@ async def list_models(engine: EngineDep) -> dict[str, list[dict[str, Any]]]:
         "models": [
             {
                 **m.descriptor.as_json(),
+                "precision": describe_precision(engine),  # the tensors' dtype, or mixed
                 "backend": m.backend,
                 "max_batch": {f"{h}x{w}": n for (h, w), n in sorted(m.batch_limits.items())},
             }

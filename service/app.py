@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await engine.start()
         for m in engine.models.values():
             metrics.model_facts(m.descriptor)
-        log.info("ready: %s on %s (%s)", ", ".join(engine.models), engine.device, engine.dtype)
+        log.info("ready: %s on %s (%s)", ", ".join(engine.models), engine.device, engine.precision)
         try:
             yield
         finally:

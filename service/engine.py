@@ -110,6 +110,7 @@ class Engine:
         self.planner = self.runner.planner
         self.device = self.runner.device
         self.dtype = self.runner.dtype
+        self.precision = self.runner.precision
         self.ready = False
         self._batcher: Batcher | None = None
 

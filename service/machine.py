@@ -30,8 +30,8 @@ def device_name(device: torch.device) -> str:
     return str(device)
 
 
-def describe(device: torch.device, dtype: torch.dtype | None = None) -> dict[str, str]:
-    """Where and when the figures were taken, as named facts (the precision with `dtype`)."""
+def describe(device: torch.device, precision: str | None = None) -> dict[str, str]:
+    """Where and when the figures were taken, as named facts (with the `precision`)."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     facts = {
         "cpu": cpu_model(),
@@ -39,8 +39,8 @@ def describe(device: torch.device, dtype: torch.dtype | None = None) -> dict[str
         "torch": f"{torch.__version__} ({torch.get_num_threads()} threads)",
         "device": device_name(device),
     }
-    if dtype is not None:
-        facts["precision"] = str(dtype).removeprefix("torch.")
+    if precision is not None:
+        facts["precision"] = precision
     facts["date"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     facts["load average at start"] = "n/a" if load is None else " ".join(f"{x:.2f}" for x in load)
     return facts

@@ -17,6 +17,7 @@ batch do not grow with the requests in it; only a tiled request adds one paste p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -35,7 +36,16 @@ import torch.nn.functional as F
 from models.networks.checkpoints import REGISTRY, fetch, load_model
 from models.networks.descriptor import ModelDescriptor
 from models.runtime import acs
-from models.runtime.backend import Forward, MaskedForward, prepare, prepare_masked, resolve_backend
+from models.runtime.backend import (
+    MIXED,
+    BackendUnavailable,
+    Forward,
+    MaskedForward,
+    mixed_precision,
+    prepare,
+    prepare_masked,
+    resolve_backend,
+)
 from models.runtime.device import precision_dtype, resolve_device
 from models.runtime.graphs import GraphedForward
 from service import pixels
@@ -118,7 +128,14 @@ class DeviceRunner:
         self.planner = planner
         self.metrics = metrics
         self.device = resolve_device(settings.device)
-        self.dtype = precision_dtype(settings.precision, self.device, prefer_bf16=False)
+        backend: str = settings.backend  # unresolvable: `load` reports it
+        with contextlib.suppress(BackendUnavailable, ValueError):
+            backend = resolve_backend(backend, self.device, padded=planner.buckets)
+        # OpenVINO's mixed precision takes and gives float32 tensors
+        self.mixed = mixed_precision(settings.precision, backend)
+        precision = "fp32" if self.mixed else settings.precision
+        self.dtype = precision_dtype(precision, self.device, prefer_bf16=False)
+        self.precision = MIXED if self.mixed else str(self.dtype).removeprefix("torch.")
         self.models: dict[str, LoadedModel] = {}
         self.shapes_run: dict[str, set[tuple[int, int]]] = {}  # crop shapes per model
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imdn-device")
@@ -177,6 +194,7 @@ class DeviceRunner:
             in_place=True,
             compile_mode=self.settings.compile_mode,
             cache_dir=self.settings.backend_cache_dir,
+            mixed=self.mixed,
         )
         masked = masked_eager = None
         multiple = descriptor.size_multiple

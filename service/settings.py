@@ -59,7 +59,12 @@ class Settings(BaseSettings):
     models: list[ModelName] = Field(default_factory=lambda: list(REGISTRY))  # type: ignore[arg-type]
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", description="'auto': fp32 on the CPU, fp16 on CUDA"
+        "auto",
+        description="'auto': on CUDA fp16; on the CPU fp32, except OpenVINO on a CPU with "
+        "native bfloat16 (AVX512-BF16, AMX), which runs mixed: the trunk in bfloat16, the "
+        "head and upsampling in float32 (~1.7x faster; PSNR within 0.003 dB of fp32). "
+        "'bf16': mixed under OpenVINO, bfloat16 throughout under PyTorch. 'fp32': within "
+        "1e-4 of eager under every backend",
     )
     warmup: bool = True
     torch_threads: int = Field(0, ge=0, description="intra-op threads on the CPU; 0 = PyTorch's")

@@ -158,7 +158,7 @@ async def run_bench(
     engine = Engine(settings, Metrics())
     await engine.start()
     try:
-        machine = describe(engine.device, engine.dtype)
+        machine = describe(engine.device, engine.precision)
         facts, cells = [], []
         for scale in scales:
             facts.append(ModelFacts(engine.models[engine.model_name(scale)].descriptor, scale))

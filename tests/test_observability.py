@@ -28,6 +28,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from models.quality.evaluate import read_rgb
+from models.runtime.backend import MIXED, native_bf16
 from service.cli import main
 from service.report import REPORT_HEADER
 from service.settings import Settings
@@ -353,7 +354,8 @@ def test_report_counts_the_known_sequence_with_the_papers_model_facts(
 ) -> None:
     seq = known_sequence
     assert (seq.report["device"], seq.report["device_name"]) == ("cpu", "cpu")
-    assert seq.report["precision"] == "float32"
+    # the default: OpenVINO mixed where this CPU has native bfloat16
+    assert seq.report["precision"] == (MIXED if native_bf16() else "float32")
     measures = seq.report["measures"]
     assert {"forward_*_seconds", "request_*_seconds", "peak_memory_mib"} <= set(measures)
     assert "MiB" in measures["peak_memory_mib"] and "resident" in measures["peak_memory_mib"]
@@ -377,7 +379,7 @@ def test_report_counts_the_known_sequence_with_the_papers_model_facts(
 
     assert seq.markdown_type.startswith("text/markdown")
     md = seq.report_markdown
-    assert md.startswith("Device: cpu. Precision: float32.")
+    assert md.startswith(f"Device: cpu. Precision: {seq.report['precision']}.")
     assert "MB" not in md  # mebibytes, said so
     assert "- **forward**: per image: device compute" in md
     assert "- **peak MiB**: largest per-batch peak" in md

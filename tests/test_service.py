@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from models.quality.evaluate import read_rgb
 from models.quality.matlab import imresize, modcrop, psnr, rgb_to_y
+from models.runtime.backend import MIXED, native_bf16
 from service.api import STREAM_CHUNK, _stream
 from service.imaging import PNG_PIECE_BYTES, encode_png
 from service.metrics import Metrics
@@ -274,9 +275,11 @@ def test_the_default_backend_is_the_one_the_readme_names_and_batches_keep_its_li
     weights_dir: Path, datasets_dir: Path, official_model
 ) -> None:  # type: ignore[no-untyped-def]
     """A server with the default settings on the CPU runs the backend the README's settings
-    table names for the CPU (openvino, which `make setup` installs), within one 8-bit level
-    of the authors' eager outputs; /v1/models lists the batch limit warm-up measured, and
-    four concurrent requests run in batches no larger than it."""
+    table names for the CPU (openvino, which `make setup` installs), in the precision the
+    README names: mixed (bfloat16 trunk) where the CPU has native bfloat16, its PSNR
+    within 0.01 dB of the authors' eager outputs; else float32, within one 8-bit level of
+    them. /v1/models lists the precision and the batch limit warm-up measured, and four
+    concurrent requests run in batches no larger than it."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     row = next(line for line in readme.splitlines() if "`IMDN_BACKEND`" in line)
     named = re.search(r"on the CPU `(\w+)`", row)
@@ -290,14 +293,22 @@ def test_the_default_backend_is_the_one_the_readme_names_and_batches_keep_its_li
         responses = asyncio.run(_post_all(srv.url, [(4, png_of(lr))] * 4))
         text = httpx.get(f"{srv.url}/metrics").text
     assert listed["backend"] == named.group(1) == "openvino"
+    mixed = native_bf16()
+    assert listed["precision"] == (MIXED if mixed else "float32")
+    precision_row = next(line for line in readme.splitlines() if "`IMDN_PRECISION`" in line)
+    assert "trunk in bfloat16" in precision_row
     (limit,) = listed["max_batch"].values()
     assert limit in (1, 2, 4, 8)
     expected = whole_forward(official_model("x4"), lr)
+    hr = modcrop(read_rgb(datasets_dir / "Set5" / "HR" / "bird.bmp"), 4)
     for r in responses:
         assert r.status_code == 200, r.text
         out = read_png(r.content)
         assert out.shape == expected.shape
-        assert np.abs(out.astype(int) - expected).max() <= 1
+        moved = np.abs(out.astype(int) - expected).max()
+        assert moved <= (16 if mixed else 1)
+        ours, authors = (psnr(rgb_to_y(o), rgb_to_y(hr), border=4) for o in (out, expected))
+        assert abs(ours - authors) <= 0.01, (ours, authors)
     counts = metric_samples(text, "imdn_batch_size_count")
     within = metric_samples(text, "imdn_batch_size_bucket")
     batches = sum(counts.values()) - sum(before.values())
