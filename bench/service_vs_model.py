@@ -30,7 +30,7 @@ from PIL import Image
 
 from bench.common import HttpLoad, hr_images, http_load, machine, percentile, to_tensor
 from models.networks.checkpoints import load_official
-from models.runtime.backend import Forward, prepare, resolve_backend
+from models.runtime.backend import MIXED, Forward, mixed_precision, prepare, resolve_backend
 from service.child import imdn_serve
 from service.shared import WEIGHTS
 
@@ -111,12 +111,15 @@ def main(argv: list[str] | None = None) -> None:
     scale = 4
     cpu = torch.device("cpu")
     backend = resolve_backend(args.backend, cpu)
+    mixed = mixed_precision("auto", backend)  # the server's default precision
     print(machine())
-    print(f"backend {backend}; {args.images} images {args.side}x{args.side} -> x{scale}")
+    precision = MIXED if mixed else "float32"
+    print(f"backend {backend} ({precision}); {args.images} images {args.side}x{args.side}", end="")
+    print(f" -> x{scale}")
     images = crops(args.images, args.side)
     bodies = [png(im) for im in images]
     inputs = [to_tensor(im) for im in images]
-    forward = prepare(load_official("x4", WEIGHTS), backend, cpu, torch.float32)
+    forward = prepare(load_official("x4", WEIGHTS), backend, cpu, torch.float32, mixed=mixed)
     forward(inputs[0])  # warm
     rows = []
     with server(backend, torch.get_num_threads()) as url:

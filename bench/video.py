@@ -60,7 +60,12 @@ def model_only(engine: Engine, name: str, frames: list[np.ndarray]) -> float:
     device, dtype, s = engine.device, engine.dtype, engine.settings
     backend = resolve_backend(s.backend, device, padded=engine.planner.buckets)
     forward = prepare(
-        load_official(name, WEIGHTS), backend, device, dtype, cache_dir=s.backend_cache_dir
+        load_official(name, WEIGHTS),
+        backend,
+        device,
+        dtype,
+        cache_dir=s.backend_cache_dir,
+        mixed=engine.runner.mixed,
     )
     inputs = [to_tensor(f).to(device, dtype) for f in frames]
     sync = synchronizer(device)
