@@ -7,14 +7,16 @@ answers what its parser refuses (a bad or doubled Content-Length, an unknown met
 text/plain, before the app ever sees the request. `GuardedHttpToolsProtocol` counts the
 bytes of each request head as they arrive and refuses one over the limit (414 when the
 URL is most of it, 431 otherwise), and writes every refusal of its own as
-application/problem+json. (uvicorn's h11 protocol, were it chosen, reads the same limit
-from the same option, but answers text/plain.)
+application/problem+json, counted in the app's metrics as the app counts the requests
+it refuses before a model is chosen (`model="unrouted"`). (uvicorn's h11 protocol, were
+it chosen, reads the same limit from the same option, but answers text/plain.)
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from http import HTTPStatus
 from typing import Any
 
@@ -22,6 +24,7 @@ import httptools  # uvicorn[standard] brings it
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.metrics import UNROUTED, Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.max_head_bytes = config.h11_max_incomplete_event_size or 64 * 1024
         self.head_bytes = self.url_bytes = 0
         self.in_body = self.message_ended = False
+        self.head_started = time.perf_counter()  # the first byte of the head being read
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -110,6 +114,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.in_body or self.message_ended:
             self.head_bytes = 0
             return
+        if self.head_bytes == 0:
+            self.head_started = time.perf_counter()
         self.head_bytes += len(data)
         if self.head_bytes > self.max_head_bytes:
             limit = self.max_head_bytes
@@ -129,6 +135,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
         log.warning("refused a request from %s: %d %s (%s)", client, status, reason, detail)
+        metrics: Metrics | None = getattr(getattr(self.config.app, "state", None), "metrics", None)
+        if metrics is not None:
+            metrics.count_error(reason)
+            outcome = "client_error" if status < 500 else "error"
+            seconds = time.perf_counter() - self.head_started
+            metrics.observe_request(UNROUTED, status, outcome, seconds)
         if self.cycle is None or self.cycle.response_complete:
             self.transport.write(problem_bytes(status, reason, detail))
         self.transport.close()

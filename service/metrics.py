@@ -117,6 +117,12 @@ ERROR_REASONS: tuple[str, ...] = (
     "scale_out_of_range",
     "not_acceptable",
     "unsupported_transfer_coding",
+    # refused by the HTTP parser, before the app (service/http_server.py)
+    "bad_request",
+    "bad_request_target",
+    "method_not_implemented",
+    "uri_too_long",
+    "headers_too_large",
     "body_too_large",
     "body_timeout",
     "bad_multipart",

@@ -19,6 +19,7 @@ import pytest
 from service.logs import RequestIdFilter, TextFormatter
 from service.settings import Settings
 from tests.live import LiveServer, live_server
+from tests.test_reliability import metric_values
 
 HEAD_LIMIT = 16 * 1024
 
@@ -95,7 +96,26 @@ def _problem(answer: tuple[int, dict[str, str], bytes], status: int, reason: str
 def test_protocol_errors_are_problem_documents(
     server: LiveServer, request_bytes: bytes, status: int, reason: str
 ) -> None:
+    """Each is answered as a problem document, and counted in the metrics as the app
+    counts its own refusals: the reason, and the status under model "unrouted"."""
+
+    def counted() -> tuple[float, float, float]:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        outcome = "client_error" if status < 500 else "error"
+        return (
+            metric_values(text, "imdn_errors_total").get((("reason", reason),), 0.0),
+            metric_values(text, "imdn_request_duration_seconds_count").get(
+                (("model", "unrouted"), ("status", str(status))), 0.0
+            ),
+            metric_values(text, "imdn_requests_total").get(
+                (("model", "unrouted"), ("outcome", outcome)), 0.0
+            ),
+        )
+
+    before = counted()
     _problem(_exchange(server, request_bytes), status, reason)
+    after = counted()
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1]
 
 
 def test_a_head_under_the_limit_is_served(server: LiveServer) -> None:
