@@ -11,6 +11,7 @@ import io
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from PIL import Image
 
 from service import imaging, runner
-from service.imaging.decoding import MAX_JPEG_SCANS
+from service.imaging.decoding import MAX_JPEG_SCANS, PNG_BYTES_PER_CHUNK
 from service.settings import Settings
 from tests.live import LiveServer, live_server
 from tests.load import png_bytes, synthetic_source
@@ -249,3 +250,54 @@ def test_uploads_decode_in_a_bounded_pool(
 
     assert asyncio.run(flood()) == [200] * 6
     assert most == 1
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+def rechunked_png(pixels: np.ndarray, idat_bytes: int, empty_chunks: int = 0) -> bytes:
+    """Pillow's PNG of `pixels` with its image data cut into chunks of `idat_bytes`, after
+    `empty_chunks` empty ancillary chunks (a private type decoders skip)."""
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "PNG")
+    data = out.getvalue()
+    head, pos, stream = data[:33], 33, b""  # the signature and IHDR
+    while pos < len(data):
+        (length,) = struct.unpack_from(">I", data, pos)
+        if data[pos + 4 : pos + 8] == b"IDAT":
+            stream += data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+    pieces = [stream[i : i + idat_bytes] for i in range(0, len(stream), idat_bytes)]
+    return (
+        head
+        + _png_chunk(b"zzZz", b"") * empty_chunks
+        + b"".join(_png_chunk(b"IDAT", p) for p in pieces)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def test_a_png_of_too_many_chunks_is_refused_before_pillow_reads_them(
+    server: LiveServer,
+) -> None:
+    """400,000 empty chunks before 64×64 pixels (4.7 MB: Pillow took over a second to open
+    it) are refused at once with 413, without a decode; real files pass: libpng's 8 KB
+    data chunks, chunks at the bound's own rate, 200 ancillary chunks in a small file."""
+    pixels = synthetic_source(256, seed=2)[:64, :64].copy()
+    bomb = rechunked_png(pixels, 1 << 16, empty_chunks=400_000)
+    started = time.perf_counter()
+    with pytest.raises(imaging.ImageTooLarge) as refused:
+        imaging.probe(bomb, "image/png", max_pixels=4096 * 4096)
+    assert time.perf_counter() - started < 0.2
+    assert refused.value.reason == "too_many_chunks"
+    url = server.url
+    decoded = metric(url, "imdn_decode_seconds_count")
+    r = httpx.post(f"{url}/v1/superres?scale=2", content=bomb, timeout=30)
+    assert r.status_code == 413 and r.json()["reason"] == "too_many_chunks", r.text
+    assert metric(url, "imdn_decode_seconds_count") == decoded
+    large = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    for idat in (8192, PNG_BYTES_PER_CHUNK):  # libpng's; the bound's own rate
+        assert imaging.probe(rechunked_png(large, idat), None, max_pixels=1 << 24) == (512, 512)
+    # a small file of many ancillary chunks (text, profiles…) within the free allowance
+    assert imaging.probe(rechunked_png(pixels, 1 << 16, empty_chunks=200), None, max_pixels=1 << 24)

@@ -14,6 +14,7 @@ REASONS = (
     "too_many_pixels",
     "decompression_bomb",
     "too_many_scans",
+    "too_many_chunks",
     "output_too_large",
 )
 """Every `ImageError.reason`, for metrics that pre-register their labels."""
