@@ -301,3 +301,30 @@ def test_a_png_of_too_many_chunks_is_refused_before_pillow_reads_them(
         assert imaging.probe(rechunked_png(large, idat), None, max_pixels=1 << 24) == (512, 512)
     # a small file of many ancillary chunks (text, profiles…) within the free allowance
     assert imaging.probe(rechunked_png(pixels, 1 << 16, empty_chunks=200), None, max_pixels=1 << 24)
+
+
+def strip_tiff(height: int, width: int, rows_per_strip: int) -> bytes:
+    """An uncompressed RGB TIFF in strips of `rows_per_strip` rows."""
+    from PIL import TiffImagePlugin
+
+    pixels = np.random.default_rng(3).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    info = TiffImagePlugin.ImageFileDirectory_v2()
+    info[278] = rows_per_strip  # RowsPerStrip
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "TIFF", tiffinfo=info)
+    return out.getvalue()
+
+
+def test_a_tiff_of_too_many_strips_is_refused_before_pillow_parses_them() -> None:
+    """A 4×250,000 TIFF in one-row strips (1 MP, 4.9 MB: Pillow took 0.8 s to open it and
+    1.5 s more to decode) is 413 at once; one-row strips pass for a 512-wide image, and
+    for a narrow one up to 4,096 rows."""
+    bomb = strip_tiff(250_000, 4, 1)
+    started = time.perf_counter()
+    with pytest.raises(imaging.ImageTooLarge) as refused:
+        imaging.probe(bomb, "image/tiff", max_pixels=1 << 24)
+    assert time.perf_counter() - started < 0.1
+    assert refused.value.reason == "too_many_chunks"
+    assert "250000 strips" in refused.value.detail
+    assert imaging.probe(strip_tiff(600, 512, 1), None, max_pixels=1 << 24) == (600, 512)
+    assert imaging.probe(strip_tiff(4000, 8, 1), None, max_pixels=1 << 24) == (4000, 8)
