@@ -126,6 +126,9 @@ async function run() {
   }
   const codec = $("codec").value;
   const url = `/v1/superres/video?scale=${encodeURIComponent($("scale").value)}&codec=${codec}`;
+  // the rate counts from the upload's start: a short clip's fragments can all arrive in one
+  // read, and a rate from the first byte would read thousands of frames a second
+  const sent = performance.now();
   try {
     const r = await fetch(url, { method: "POST", body: file, headers, signal: controller.signal });
     if (!r.ok) {
@@ -141,14 +144,13 @@ async function run() {
     const reader = r.body.getReader();
     const chunks = [];
     let bytes = 0;
-    const started = performance.now();
     for (;;) {
       const { done, value } = await reader.read();
       if (done) break;
       chunks.push(value);
       bytes += value.length;
       const frames = type.includes("mp4") ? counter.feed(value) : 0;
-      const seconds = (performance.now() - started) / 1000;
+      const seconds = (performance.now() - sent) / 1000;
       const rate = frames / Math.max(seconds, 1e-3);
       const left = rate > 0 && total ? ` · ~${Math.ceil((total - frames) / rate)} s left` : "";
       progress(
