@@ -606,12 +606,13 @@ def _fits(
 ) -> float | None:
     """The estimated finish of `own` seconds placed at `place` (order, tie) among `work`
     (order, tie, deadline, seconds, since; sorted, run from `start`) if it meets
-    `deadline` and every piece of work it overtakes that would have met its own still does
-    (with the `counted` seconds already promised to it there); else None. Meeting a
-    deadline means with a `margin`: the time from `since` (the newcomer: now; the others:
-    when they were admitted, a retry: when it comes) to the estimated finish, times
-    `margin`, fits: an admitted request keeps the slack it was admitted with, however
-    long it has waited."""
+    `deadline` and every piece of work it overtakes still meets its own (with the
+    `counted` seconds already promised to it there, only the work that met it before
+    must: its kept place is already planned); else None. Meeting a deadline means with a
+    `margin`: the time from `since` (the newcomer: now; the others: when they were
+    admitted, a retry: when it comes) to the estimated finish, times `margin`, fits: an
+    admitted request keeps the slack it was admitted with, however long it has waited,
+    and a newcomer may not delay work whose estimate has grown past it."""
 
     def meets(t: float, due: float, since: float = now) -> bool:
         return since + margin * (t - since) <= due
@@ -626,9 +627,14 @@ def _fits(
                 return None
         t += seconds
         if finish is not None and (
-            # planned from its admission, with the margin: it would have made it, and no
-            # longer does (the margin is not shrunk by the time passed since)
-            (meets(t - delay, w_deadline, since) and not meets(t, w_deadline, since))
+            # planned from its admission, with the margin (not shrunk by the time passed
+            # since), it no longer makes it: a newcomer may not delay it at all (work
+            # whose estimate grew past its margin would otherwise be overtaken until it
+            # starves), a request in the place kept for it only when that pushes it past
+            (
+                not meets(t, w_deadline, since)
+                and (not counted or meets(t - delay, w_deadline, since))
+            )
             # or plainly, at the estimate: it would have made it, and no longer does
             or t - delay <= w_deadline < t
         ):

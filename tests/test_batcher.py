@@ -186,6 +186,76 @@ def test_a_refused_request_s_retry_finds_its_place_kept() -> None:
     asyncio.run(scenario())
 
 
+def test_a_retry_in_its_kept_place_is_not_starved_by_small_ones() -> None:
+    """A large request refused 429 comes back and claims its kept place: far down the
+    queue (its first attempt's deadline), behind the small requests that keep arriving
+    with earlier virtual deadlines. The device's speed wobbles from batch to batch, and
+    the estimates with it: once a wobble has put the retry's estimated finish past its
+    margin, small ones may no longer overtake it (they queue behind it, or are refused),
+    so it still runs in time; before, they did until none of its crops had run by its
+    deadline. Every admitted request finishes in time."""
+    deadline_s = 15.0
+    small, large = ("x2", 64, 64), ("x2", 256, 256)  # 0.1 s and 1.6 s a crop, nominally
+    speed = [1.3, 0.8]  # the device's seconds over the nominal, batch after batch
+
+    async def scenario() -> tuple[list[Ticket], Counter[str]]:
+        clock = FakeClock()
+        arrivals = [(1000.0, large, f"large{i}") for i in range(7)]
+        arrivals += [(1000.1 + 0.1 * i, small, f"small{i}") for i in range(150)]
+        tickets: list[Ticket] = []
+        told: Counter[str] = Counter()
+
+        def arrive() -> None:
+            """As api and engine do: hold a place, then submit into it. A 429 comes
+            back once, after its Retry-After, as the same request (`who`)."""
+            while arrivals and arrivals[0][0] <= clock.now:
+                _, key, name = arrivals.pop(0)
+                who = name.removesuffix(" again")
+                deadline = clock.now + deadline_s
+                try:
+                    held = batcher.hold(key, 1, deadline, who=who)
+                except QueueFull as refused:
+                    told[f"429 {key[1]}"] += 1
+                    if name == who:
+                        arrivals.append((clock.now + refused.retry_after_s, key, f"{who} again"))
+                        arrivals.sort()
+                    continue
+                tickets.append(batcher.submit(key, 1, name, deadline, hold=held, who=who))
+
+        async def runner(key: Key, slices: list[Slice]) -> BatchOutcome:
+            crops = sum(s.stop - s.start for s in slices)
+            seconds = 0.1 * key[1] * key[2] / (64 * 64) * crops * speed[len(ran) % len(speed)]
+            ran.append(crops)
+            end = clock.now + seconds
+            while arrivals and arrivals[0][0] <= end:  # requests arrive while it runs
+                clock.now = max(clock.now, arrivals[0][0])
+                arrive()
+            clock.now = end
+            await asyncio.sleep(0)
+            return BatchOutcome(seconds, 0)
+
+        ran: list[int] = []
+        batcher = make(clock, runner, batch_limit=lambda key: 2, max_batch_s=4.0)
+        measured(batcher, 0.1, small)
+        arrive()
+        batcher.start()
+        while arrivals or any(not t.future.done() for t in tickets):
+            await asyncio.sleep(0)
+            if not any(not t.future.done() for t in tickets) and arrivals:
+                clock.now = max(clock.now, arrivals[0][0])
+                arrive()
+        await batcher.stop()
+        return tickets, told
+
+    tickets, told = asyncio.run(scenario())
+    assert told["429 256"] == 1, told  # the seventh large one, its place kept for its retry
+    (retry,) = [t for t in tickets if t.payload == "large6 again"]
+    assert retry.order == 1000.0 + deadline_s  # in its kept place: the first one's deadline
+    late = [(t.payload, t.taken) for t in tickets if t.future.exception() is not None]
+    assert late == [], late
+    assert len([t for t in tickets if t.key == small]) > 50  # the small ones got in too
+
+
 @pytest.mark.parametrize(("elapsed", "admitted"), [(2.0, True), (12.0, False)])
 def test_a_batch_running_past_its_estimate_makes_admission_wary(
     elapsed: float, admitted: bool
