@@ -847,9 +847,7 @@ def _count_refusal(request: Request, status: int, reason: str) -> None:
         return
     request.scope[COUNTED] = True
     arrived = request.scope.get(ARRIVED, time.perf_counter())
-    outcome = "client_error" if status < 500 else "error"
-    metrics.count_error(reason)
-    metrics.observe_request(UNROUTED, status, outcome, time.perf_counter() - arrived)
+    metrics.observe_unrouted_refusal(status, reason, time.perf_counter() - arrived)
 
 
 async def _problem_error(request: Request, exc: ProblemError) -> Response:

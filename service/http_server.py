@@ -24,7 +24,7 @@ import httptools  # uvicorn[standard] brings it
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.metrics import UNROUTED, Metrics
+from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -137,10 +137,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         log.warning("refused a request from %s: %d %s (%s)", client, status, reason, detail)
         metrics: Metrics | None = getattr(getattr(self.config.app, "state", None), "metrics", None)
         if metrics is not None:
-            metrics.count_error(reason)
-            outcome = "client_error" if status < 500 else "error"
-            seconds = time.perf_counter() - self.head_started
-            metrics.observe_request(UNROUTED, status, outcome, seconds)
+            metrics.observe_unrouted_refusal(
+                status, reason, time.perf_counter() - self.head_started
+            )
         if self.cycle is None or self.cycle.response_complete:
             self.transport.write(problem_bytes(status, reason, detail))
         self.transport.close()

@@ -394,6 +394,13 @@ class Metrics:
         self.request_duration.labels(model=model, status=str(status)).observe(seconds)
         self.requests.labels(model=model, outcome=outcome).inc()
 
+    def observe_unrouted_refusal(self, status: int, reason: str, seconds: float) -> None:
+        """A request refused before a model was chosen (by the app or the HTTP parser):
+        its reason, and its duration and outcome under model "unrouted"."""
+        self.count_error(reason)
+        outcome = "client_error" if status < 500 else "error"
+        self.observe_request(UNROUTED, status, outcome, seconds)
+
     def observe_time_to_first_byte(self, model: str, seconds: float) -> None:
         self.time_to_first_byte.labels(model=model).observe(seconds)
 
