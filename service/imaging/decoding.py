@@ -55,7 +55,7 @@ def sniff_format(data: bytes) -> str | None:
         return "JPEG"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WEBP"
-    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+    if head[:4] in _TIFF_LAYOUTS:  # classic and BigTIFF, either byte order
         return "TIFF"
     if head.startswith(b"BM"):
         return "BMP"
